@@ -1,0 +1,1 @@
+"""HTTP routers: records, operations (stats, health, invalidate, metrics)."""

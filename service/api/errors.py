@@ -1,0 +1,107 @@
+"""One JSON error body for every 4xx/5xx the application produces:
+``{"error": {"code": str, "message": str}}``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.documents import DocumentError
+from service.errors import Unavailable
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    412: "precondition_failed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    428: "precondition_required",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def json_response(
+    body: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+_DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(DocumentError)
+    async def _doc(_: Request, exc: DocumentError) -> Response:
+        return error_response(_DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, exc: Unavailable) -> Response:
+        return error_response(
+            503,
+            f"{exc.dependency}_unavailable",
+            f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
+            {"Retry-After": "1"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        if exc.status_code == 404:
+            message = "No such route. Records live at /v1/{collection}/{key}."
+        elif exc.status_code == 405:
+            message = f"This method is not allowed here ({exc.detail})."
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return error_response(422, "invalid_request", "; ".join(parts) or "Invalid request.")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        return error_response(500, "internal_error", f"Unexpected error: {type(exc).__name__}")

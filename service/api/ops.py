@@ -1,0 +1,84 @@
+"""Operations: health, readiness, queue statistics, invalidation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field, field_validator
+
+from service import stats
+from service.api.deps import StateDep
+from service.api.errors import json_response
+from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
+from service.errors import REDIS_DOWN, Unavailable
+from service.state import AppState
+
+router = APIRouter(tags=["operations"])
+
+
+async def current_stats(state: AppState) -> dict[str, Any]:
+    try:
+        await state.flush_counters()
+        return await stats.collect(state.redis, state.keys)
+    except REDIS_DOWN as exc:
+        raise Unavailable("redis", str(exc)) from exc
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process runs")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: 200 while Redis answers (writes are accepted)")
+async def readyz(state: StateDep) -> Response:
+    body: dict[str, Any] = {"postgres": state.postgres_status}
+    try:
+        await asyncio.wait_for(state.redis.ping(), timeout=1.0)
+        s = await asyncio.wait_for(stats.collect(state.redis, state.keys), timeout=1.0)
+    except (TimeoutError, *REDIS_DOWN) as exc:
+        body.update(status="unavailable", redis=f"down: {type(exc).__name__}: {exc}")
+        return json_response(body, 503, {"Retry-After": "1"})
+    body.update(
+        status="ready",
+        redis="up",
+        workers=f"{s['workers']} alive" if s["workers"] else "none alive",
+        pending=s["pending"],
+    )
+    if state.redis_config_warnings:
+        body["warnings"] = state.redis_config_warnings
+    return json_response(body)
+
+
+@router.get("/v1/stats", summary="Queue depth, lag, dead letters, workers, hit ratio")
+async def get_stats(state: StateDep) -> Response:
+    return json_response(await current_stats(state))
+
+
+@router.get("/metrics", summary="Prometheus text exposition")
+async def metrics(state: StateDep) -> Response:
+    s = await current_stats(state)
+    return Response(state.metrics.render(s), media_type=CONTENT_TYPE_LATEST)
+
+
+class InvalidateRequest(BaseModel):
+    collection: Annotated[str, Field(pattern=COLLECTION_RE.pattern)]
+    keys: Annotated[list[str] | None, Field(max_length=10_000)] = None
+
+    @field_validator("keys")
+    @classmethod
+    def _valid_keys(cls, keys: list[str] | None) -> list[str] | None:
+        for k in keys or []:
+            if not 1 <= len(k.encode()) <= MAX_KEY_BYTES:
+                raise ValueError(f"a key is 1-{MAX_KEY_BYTES} bytes")
+            if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in k):
+                raise ValueError("a key cannot contain control characters")
+        return keys
+
+
+@router.post("/v1/invalidate", summary="Drop cached copies so the next read loads Postgres")
+async def invalidate(request: InvalidateRequest, state: StateDep) -> Response:
+    dropped, skipped = await state.store.invalidate(request.collection, request.keys)
+    return json_response({"invalidated": dropped, "skipped_pending": skipped})

@@ -1,0 +1,98 @@
+"""create_app() and the lifespan that owns the process' connections and periodic tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI
+
+from service.api import errors, ops, records
+from service.config import Settings, get_settings
+from service.connections import PgPool, create_redis
+from service.errors import REDIS_DOWN
+from service.flusher import Flusher
+from service.keys import Keys
+from service.metrics import Metrics
+from service.records import RecordStore
+from service.redis_check import check_redis_durability
+from service.repository import ping
+from service.scripts import Scripts
+from service.state import AppState, HitCounters
+
+log = logging.getLogger("wbcache.app")
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception as exc:  # keep the loop alive; the next round tries again
+            log.debug("periodic task failed: %s", exc)
+
+
+def build_state(settings: Settings, process: str = "api") -> AppState:
+    redis = create_redis(process, settings)
+    pg = PgPool(process, settings)
+    scripts = Scripts.register(redis)
+    counters = HitCounters()
+    return AppState(
+        settings=settings,
+        keys=Keys(settings.redis_prefix),
+        redis=redis,
+        pg=pg,
+        store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record),
+        flusher=Flusher(redis, pg, settings, scripts),
+        counters=counters,
+        metrics=Metrics(),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = build_state(settings)
+        app.state.wb = state
+        try:
+            state.redis_config_warnings = await check_redis_durability(state.redis)
+        except REDIS_DOWN as exc:
+            log.error("Redis is not answering at start (%s); record requests answer 503", exc)
+
+        async def probe_postgres() -> None:
+            try:
+                await asyncio.wait_for(ping(await state.pg.get()), timeout=2.0)
+                state.postgres_status = "up"
+            except Exception as exc:
+                state.postgres_status = f"down: {type(exc).__name__}: {exc}"
+
+        await probe_postgres()
+        tasks = [
+            asyncio.create_task(_every(1.0, state.flush_counters)),
+            asyncio.create_task(_every(2.0, probe_postgres)),
+        ]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await state.flush_counters()
+            await state.pg.close()
+            await state.redis.aclose()
+
+    app = FastAPI(
+        title="wbcache",
+        version="0.1.0",
+        summary="A write-behind cache: writes land in Redis at once, workers persist them "
+        "to Postgres in batches; reads are cache-aside.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(ops.router)
+    app.include_router(records.router)
+    return app

@@ -1,0 +1,137 @@
+"""The ``wbcache`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Annotated, Any
+
+import typer
+
+from service.config import Settings, get_settings
+
+app = typer.Typer(help="wbcache: a write-behind cache in front of Postgres.", no_args_is_help=True)
+
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Overrides REDIS_URL")]
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="Overrides DATABASE_URL")]
+
+
+def _settings(redis_url: str | None = None, database_url: str | None = None) -> Settings:
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
+    if database_url:
+        os.environ["DATABASE_URL"] = database_url
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@app.command()
+def migrate(database_url: DbOpt = None) -> None:
+    """Create the database if missing and apply the migrations (alembic upgrade head)."""
+    from service.logs import setup
+    from service.migrate import migrate as run
+
+    settings = _settings(database_url=database_url)
+    setup(settings.log_level)
+    run(settings.database_url)
+    typer.echo("migrations applied")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    redis_url: RedisOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Run the HTTP API (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    from service.logs import setup
+
+    settings = _settings(redis_url, database_url)
+    setup(settings.log_level)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        # SIGTERM: stop accepting, finish in-flight requests within this bound.
+        timeout_graceful_shutdown=10,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@app.command()
+def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
+    """Run one worker that persists accepted writes (run as many as you like)."""
+    from arq.worker import Worker
+
+    from service.logs import setup
+    from worker.settings import worker_settings
+
+    settings = _settings(redis_url, database_url)
+    setup(settings.log_level)
+    Worker(**worker_settings(settings)).run()
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    age = s["oldest_pending_age_s"]
+    rows = [
+        ("pending", s["pending"]),
+        ("oldest pending age", f"{age:.1f} s" if age is not None else "-"),
+        ("queued jobs", s["queued_jobs"]),
+        ("batches in flight", s["batches_in_flight"]),
+        ("dead letters", s["dead_letters"]),
+        ("live workers", s["workers"]),
+        ("flush rate (1 min)", f"{s['flush_rate_per_s']}/s"),
+        ("flushed (total)", s["flushed"]),
+        ("flush failures", s["flush_failures"]),
+        ("hits / misses", f"{s['hits']} / {s['misses']}"),
+    ]
+    for name, value in rows:
+        typer.echo(f"{name:<20} {value}")
+    if s["last_flush_error"]:
+        typer.echo(f"{'last flush error':<20} {s['last_flush_error']['error']}")
+    if s["pending"] and not s["workers"]:
+        typer.secho("WARNING: writes are pending and no worker is alive", fg="red", err=True)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Queue depth, lag, dead letters and live workers."""
+    from service import stats
+    from service.connections import create_redis
+    from service.keys import Keys
+
+    settings = _settings(redis_url)
+
+    async def run() -> dict[str, Any]:
+        redis = create_redis("cli", settings)
+        try:
+            return await stats.collect(redis, Keys(settings.redis_prefix))
+        finally:
+            await redis.aclose()
+
+    try:
+        s = asyncio.run(run())
+    except Exception as exc:
+        typer.secho(f"cannot read the queue from Redis: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(s))
+    else:
+        _print_status(s)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,56 @@
+"""Settings, read once from the environment (flags of the CLI override them)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+WriteMode = Literal["behind", "through"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://127.0.0.1:5432/wbcache"
+    redis_prefix: str = "wb:"
+
+    # Write path
+    max_document_bytes: int = 1024 * 1024
+    max_pending: int = 1_000_000
+    write_through_timeout: float = 5.0
+    # Per-collection overrides, as JSON in the environment: {"orders": "through"}
+    collection_write_mode: dict[str, WriteMode] = Field(default_factory=dict)
+
+    # Read path
+    clean_ttl_seconds: int = 3600
+    negative_ttl_seconds: int = 60
+    tombstone_ttl_seconds: int = 600
+    cache_control_default: str = "private, no-cache"
+    # Per-collection max-age, as JSON in the environment: {"products": 60}
+    collection_max_age: dict[str, int] = Field(default_factory=dict)
+
+    # Flush path (worker)
+    write_delay_ms: int = 1000
+    batch_size: int = 1000
+    flush_concurrency: int = 2
+    lease_seconds: float = 10.0
+    sweep_seconds: int = 5
+    retry_backoff_max_seconds: float = 5.0
+    tombstone_retention_days: int = 7
+
+    # Connections
+    pg_pool_min: int = 1
+    pg_pool_max: int = 8
+    redis_max_connections: int = 64
+    pg_timeout_seconds: float = 5.0
+
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,80 @@
+"""Documents: one canonical serialization, validation, and JSON merge patch (RFC 7396).
+
+Canonical bytes are orjson with sorted keys. Postgres' jsonb reorders keys and rewrites
+numbers, so bytes read back from Postgres are canonicalized the same way; a cache hit and a
+miss then answer with identical bytes under the same ETag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_CANONICAL = orjson.OPT_SORT_KEYS
+
+
+class DocumentError(ValueError):
+    """The body is not a document we can store; ``code`` says which way."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=_CANONICAL)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def canonical(value: Any, max_bytes: int) -> bytes:
+    """Serialize ``value`` canonically and check that Postgres jsonb can hold it."""
+    try:
+        out = dumps(value)
+    except TypeError as exc:  # e.g. integers beyond 64 bits
+        raise DocumentError("invalid_document", f"The document cannot be stored: {exc}") from exc
+    # jsonb refuses \u0000; the cheap byte test rules out almost every document.
+    if b"\\u0000" in out and _has_nul(value):
+        raise DocumentError(
+            "invalid_document", "Documents cannot contain the NUL character (\\u0000)."
+        )
+    if len(out) > max_bytes:
+        raise DocumentError(
+            "too_large", f"The document is {len(out)} bytes; the limit is {max_bytes} bytes."
+        )
+    return out
+
+
+def from_postgres(text: str) -> bytes:
+    """Canonical bytes of a jsonb value read as text."""
+    return dumps(orjson.loads(text))
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396: objects merge recursively, null removes a member, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result: dict[str, Any] = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = merge_patch(result.get(name), value)
+    return result

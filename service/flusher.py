@@ -1,0 +1,303 @@
+"""The flush path: claim a batch of dirty keys under a lease, persist it with one guarded
+statement per kind, release it. Used by the worker (continuously) and by the API for
+``Write-Mode: through`` (one key), so there is one copy of this logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+from arq.connections import ArqRedis
+
+from service import repository
+from service.config import Settings
+from service.connections import PgPool
+from service.errors import is_poison, sqlstate
+from service.keys import Keys, split_member
+from service.scripts import Scripts
+
+log = logging.getLogger("wbcache.flush")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    member: str
+    version: str
+    document: bytes | None  # None: a delete
+
+    @property
+    def collection(self) -> str:
+        return split_member(self.member)[0]
+
+    @property
+    def key(self) -> str:
+        return split_member(self.member)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    id: str
+    items: list[Item]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    item: Item
+    sqlstate: str | None
+    error: str
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _decode(raw: Sequence[bytes]) -> list[Item]:
+    items = []
+    for i in range(0, len(raw), 4):
+        member, version, doc, tomb = raw[i : i + 4]
+        items.append(
+            Item(
+                member=member.decode(),
+                version=version.decode(),
+                document=None if tomb == b"1" else doc,
+            )
+        )
+    return items
+
+
+class _Throttled:
+    """Logs a repeating failure once, then at most once per ``every`` seconds."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self.last = 0.0
+        self.suppressed = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            extra = f" ({self.suppressed} similar messages suppressed)" if self.suppressed else ""
+            log.warning(msg + extra, *args)
+            self.last = now
+            self.suppressed = 0
+        else:
+            self.suppressed += 1
+
+
+class Flusher:
+    def __init__(self, redis: ArqRedis, pg: PgPool, settings: Settings, scripts: Scripts) -> None:
+        self.redis = redis
+        self.pg = pg
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.scripts = scripts
+        self.held: set[str] = set()
+        self._retry_log = _Throttled()
+
+    # -- claiming and releasing ------------------------------------------------------------
+
+    async def claim(self, members: Sequence[str] = ()) -> Batch | None:
+        now = now_ms()
+        batch_id = uuid.uuid4().hex
+        k = self.keys
+        raw = await self.scripts.claim(
+            keys=[k.dirty, k.inflight, k.leases, k.batch_age],
+            args=[
+                now,
+                now - self.settings.write_delay_ms,
+                self.settings.batch_size,
+                32 * 1024 * 1024,
+                batch_id,
+                now + int(self.settings.lease_seconds * 1000),
+                k.prefix,
+                *members,
+            ],
+        )
+        if not raw:
+            return None
+        self.held.add(batch_id)
+        return Batch(batch_id, _decode(raw))
+
+    async def release(
+        self, batch: Batch, committed: Sequence[Item], dead: Sequence[DeadLetter]
+    ) -> None:
+        k = self.keys
+        now = now_ms()
+        args: list[str | int | bytes] = [
+            batch.id,
+            k.prefix,
+            self.settings.clean_ttl_seconds * 1000,
+            self.settings.tombstone_ttl_seconds * 1000,
+            now,
+            len(committed),
+        ]
+        for item in committed:
+            args += [item.member, item.version]
+        for d in dead:
+            info = {
+                "collection": d.item.collection,
+                "key": d.item.key,
+                "version": int(d.item.version),
+                "sqlstate": d.sqlstate,
+                "error": d.error,
+                "attempts": 1,
+                "failed_at": now / 1000,
+            }
+            args += [d.item.member, d.item.version, orjson.dumps(info)]
+        await self.scripts.release(
+            keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.dead, k.counters, k.flush_log],
+            args=args,
+        )
+        self.held.discard(batch.id)
+
+    async def renew_leases(self) -> None:
+        """Keep the leases of batches this process holds (a slow Postgres is not a death)."""
+        if not self.held:
+            return
+        until = now_ms() + int(self.settings.lease_seconds * 1000)
+        await self.redis.zadd(self.keys.leases, dict.fromkeys(self.held, until), xx=True)
+
+    # -- persisting ------------------------------------------------------------------------
+
+    async def _persist(
+        self, conn: asyncpg.Connection, items: list[Item]
+    ) -> tuple[list[Item], list[DeadLetter]]:
+        """Persist ``items``; isolate writes Postgres will never take by splitting."""
+        upserts = [
+            repository.Upsert(i.collection, i.key, i.document.decode(), int(i.version))
+            for i in items
+            if i.document is not None
+        ]
+        deletes = [
+            repository.Delete(i.collection, i.key, int(i.version))
+            for i in items
+            if i.document is None
+        ]
+        try:
+            await repository.persist(conn, upserts, deletes)
+            return items, []
+        except asyncpg.PostgresError as exc:
+            if not is_poison(exc):
+                raise
+            if len(items) == 1:
+                log.error(
+                    "dead-lettered %s version %s: %s %s",
+                    items[0].member,
+                    items[0].version,
+                    sqlstate(exc),
+                    exc,
+                )
+                return [], [DeadLetter(items[0], sqlstate(exc), str(exc))]
+        half = len(items) // 2
+        ok1, dead1 = await self._persist(conn, items[:half])
+        ok2, dead2 = await self._persist(conn, items[half:])
+        return ok1 + ok2, dead1 + dead2
+
+    async def persist_once(self, batch: Batch) -> tuple[list[Item], list[DeadLetter]]:
+        pool = await self.pg.get()
+        async with pool.acquire() as conn:
+            return await self._persist(conn, batch.items)
+
+    async def flush_batch(self, batch: Batch, deadline: float | None = None) -> bool:
+        """Persist and release ``batch``, retrying errors that heal with backoff (forever,
+        or until ``deadline`` on the monotonic clock). Returns False if handed back."""
+        attempt = 0
+        started = time.monotonic()
+        try:
+            while True:
+                try:
+                    committed, dead = await self.persist_once(batch)
+                    break
+                except Exception as exc:  # every error but poison heals or needs an operator
+                    attempt += 1
+                    await self._note_failure(exc)
+                    delay = min(self.settings.retry_backoff_max_seconds, 0.05 * 2**attempt)
+                    if deadline is not None and time.monotonic() + delay > deadline:
+                        await self.release(batch, [], [])
+                        return False
+                    await asyncio.sleep(delay)
+            await self.release(batch, committed, dead)
+        except asyncio.CancelledError:
+            # Shutting down: hand the batch back so another worker takes it at once.
+            await asyncio.shield(self.release(batch, [], []))
+            raise
+        if attempt:
+            log.info("flush recovered after %d retries", attempt)
+        log.info(
+            "flushed batch=%s size=%d committed=%d dead=%d duration_ms=%.1f",
+            batch.id[:8],
+            len(batch.items),
+            len(committed),
+            len(dead),
+            (time.monotonic() - started) * 1000,
+        )
+        return True
+
+    async def _note_failure(self, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        self._retry_log.warn("flush failed, retrying with backoff: %s", text)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.counters, "flush_failures", 1)
+            pipe.set(self.keys.last_error, orjson.dumps({"error": text, "at": time.time()}))
+            await pipe.execute()
+        except Exception:  # Redis trouble is reported by its own callers
+            pass
+
+    # -- draining ----------------------------------------------------------------------
+
+    async def drain_ready(self) -> int:
+        """Flush every batch that is ready now, ``flush_concurrency`` at a time."""
+        flushed = 0
+
+        async def loop() -> None:
+            nonlocal flushed
+            while True:
+                batch = await self.claim()
+                if batch is None:
+                    return
+                await self.flush_batch(batch)
+                flushed += len(batch.items)
+
+        await asyncio.gather(*(loop() for _ in range(max(1, self.settings.flush_concurrency))))
+        return flushed
+
+    async def next_ready_in_ms(self) -> int | None:
+        """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
+        first = await self.redis.zrange(self.keys.dirty, 0, 0, withscores=True)
+        if not first:
+            return None
+        due = int(first[0][1]) + self.settings.write_delay_ms
+        return max(0, due - now_ms())
+
+    # -- write-through ------------------------------------------------------------------
+
+    async def write_through(self, m: str, version: int, timeout: float) -> str:
+        """Persist ``m`` now (or wait for the worker that holds it) until ``version`` is
+        committed. Returns "committed", "dead" (dead-lettered) or "timeout" (still queued)."""
+        deadline = time.monotonic() + timeout
+        batch = await self.claim([m])
+        if batch is not None:
+            await self.flush_batch(batch, deadline=deadline)
+        entry = self.keys.entry(*split_member(m))
+        delay = 0.002
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(entry, "p")
+            pipe.hexists(self.keys.dead, m)
+            persisted, dead = await pipe.execute()
+            if persisted is not None and int(persisted) >= version:
+                return "committed"
+            if dead:
+                return "dead"
+            if time.monotonic() + delay > deadline:
+                return "timeout"
+            await asyncio.sleep(delay)
+            delay = min(0.05, delay * 2)

@@ -1,0 +1,98 @@
+"""Every Redis key the service owns, in one place (all under REDIS_PREFIX).
+
+A record is addressed by its *member* string ``collection:key``: collections never hold
+``:``, so the first ``:`` splits it, and ``<prefix>e:<member>`` is its cache entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def member(collection: str, key: str) -> str:
+    return f"{collection}:{key}"
+
+
+def split_member(m: str) -> tuple[str, str]:
+    collection, _, key = m.partition(":")
+    return collection, key
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def entry(self, collection: str, key: str) -> str:
+        """Hash: v = version, d = canonical document (absent for a tombstone), t = 1 if deleted,
+        p = highest version known committed. No TTL while dirty."""
+        return f"{self.prefix}e:{collection}:{key}"
+
+    @property
+    def entry_prefix(self) -> str:
+        return f"{self.prefix}e:"
+
+    def floor(self, collection: str, key: str) -> str:
+        """Short-lived lower bound for cache fills after an invalidation."""
+        return f"{self.prefix}f:{collection}:{key}"
+
+    @property
+    def floor_prefix(self) -> str:
+        return f"{self.prefix}f:"
+
+    @property
+    def dirty(self) -> str:
+        """ZSET member -> ms when it became dirty: the write-behind queue."""
+        return f"{self.prefix}dirty"
+
+    @property
+    def inflight(self) -> str:
+        """HASH member -> batch id holding it."""
+        return f"{self.prefix}inflight"
+
+    @property
+    def leases(self) -> str:
+        """ZSET batch id -> lease expiry (ms)."""
+        return f"{self.prefix}leases"
+
+    @property
+    def batch_age(self) -> str:
+        """ZSET batch id -> oldest dirty time (ms) in the batch."""
+        return f"{self.prefix}batchage"
+
+    @property
+    def batch_prefix(self) -> str:
+        """HASH <prefix>b:<id>: member -> dirty time (ms)."""
+        return f"{self.prefix}b:"
+
+    @property
+    def dead(self) -> str:
+        """HASH member -> JSON description of the dead-lettered write."""
+        return f"{self.prefix}dead"
+
+    @property
+    def wake(self) -> str:
+        """Set while a flush wake-up job is scheduled, so writes enqueue one per window."""
+        return f"{self.prefix}wake"
+
+    @property
+    def workers(self) -> str:
+        """ZSET worker id -> last heartbeat (ms)."""
+        return f"{self.prefix}workers"
+
+    @property
+    def counters(self) -> str:
+        """HASH of global counters (flushed, failures, retries, hits, misses, ...)."""
+        return f"{self.prefix}counters"
+
+    @property
+    def flush_log(self) -> str:
+        """ZSET of recent flush batches (score ms, member "ms:count:id") for rates."""
+        return f"{self.prefix}flushlog"
+
+    @property
+    def last_error(self) -> str:
+        return f"{self.prefix}lasterror"
+
+    @property
+    def arq_queue(self) -> str:
+        return f"{self.prefix}arq:queue"

@@ -1,0 +1,74 @@
+-- Claim a batch of dirty keys for flushing, under a lease; first hand back batches whose
+-- lease ran out (their worker died), so another worker takes them over.
+-- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age
+-- ARGV: 1 now ms, 2 ready before ms, 3 max keys, 4 max bytes, 5 batch id, 6 lease until ms,
+--       7 prefix, 8.. explicit members (claim only these, if dirty)
+-- Returns a flat list: member, version, document, tombstone flag, ...
+local dirty, inflight, leases, ages = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[7]
+
+local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', ARGV[1], 'LIMIT', 0, 16)
+for _, b in ipairs(expired) do
+  local bk = prefix .. 'b:' .. b
+  local items = redis.call('HGETALL', bk)
+  for i = 1, #items, 2 do
+    if redis.call('HGET', inflight, items[i]) == b then
+      redis.call('HDEL', inflight, items[i])
+      redis.call('ZADD', dirty, 'NX', items[i + 1], items[i])
+    end
+  end
+  redis.call('DEL', bk)
+  redis.call('ZREM', leases, b)
+  redis.call('ZREM', ages, b)
+end
+
+local candidates = {}
+if #ARGV > 7 then
+  for i = 8, #ARGV do
+    local s = redis.call('ZSCORE', dirty, ARGV[i])
+    if s then
+      table.insert(candidates, ARGV[i])
+      table.insert(candidates, s)
+    end
+  end
+else
+  candidates = redis.call('ZRANGEBYSCORE', dirty, '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0,
+    tonumber(ARGV[3]))
+end
+if #candidates == 0 then
+  return {}
+end
+
+local batch = ARGV[5]
+local bk = prefix .. 'b:' .. batch
+local max_bytes = tonumber(ARGV[4])
+local bytes = 0
+local out = {}
+local oldest = nil
+for i = 1, #candidates, 2 do
+  local m, score = candidates[i], candidates[i + 1]
+  local e = prefix .. 'e:' .. m
+  local size = redis.call('HSTRLEN', e, 'd')
+  if #out > 0 and bytes + size > max_bytes then
+    break
+  end
+  redis.call('ZREM', dirty, m)
+  local ent = redis.call('HMGET', e, 'v', 'd', 't')
+  if ent[1] then
+    bytes = bytes + size
+    redis.call('HSET', inflight, m, batch)
+    redis.call('HSET', bk, m, score)
+    if not oldest or tonumber(score) < oldest then
+      oldest = tonumber(score)
+    end
+    table.insert(out, m)
+    table.insert(out, ent[1])
+    table.insert(out, ent[2] or '')
+    table.insert(out, ent[3] or '0')
+  end
+end
+if #out > 0 then
+  redis.call('ZADD', leases, ARGV[6], batch)
+  redis.call('ZADD', ages, oldest, batch)
+end
+return out

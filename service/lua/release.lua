@@ -1,0 +1,92 @@
+-- After the batch's transaction committed (or after giving up on it): clear dirty marks
+-- only where the version is unchanged, give clean entries their TTL, dead-letter poison
+-- writes, and hand back whatever is still held.
+-- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log
+-- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms, 5 now ms,
+--       6 number of committed pairs n, then n x (member, version),
+--       then triples (member, version, dead-letter JSON)
+local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local batch, prefix = ARGV[1], ARGV[2]
+local bk = prefix .. 'b:' .. batch
+local n = tonumber(ARGV[6])
+
+local function owned(m)
+  return redis.call('HGET', inflight, m) == batch
+end
+
+local committed = 0
+local i = 7
+for _ = 1, n do
+  local m, v = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local e = prefix .. 'e:' .. m
+  local mine = owned(m)
+  local score = redis.call('HGET', bk, m)
+  if mine then
+    redis.call('HDEL', inflight, m)
+  end
+  redis.call('HDEL', bk, m)
+  committed = committed + 1
+  local cur = redis.call('HMGET', e, 'v', 'p', 't')
+  if cur[1] == v then
+    redis.call('HSET', e, 'p', v)
+    -- Committed: the entry is clean unless another batch holds it again.
+    if redis.call('HEXISTS', inflight, m) == 0 then
+      redis.call('ZREM', dirty, m)
+      if cur[3] == '1' then
+        redis.call('PEXPIRE', e, ARGV[4])
+      else
+        redis.call('PEXPIRE', e, ARGV[3])
+      end
+    end
+  elseif cur[1] then
+    if not cur[2] or tonumber(cur[2]) < tonumber(v) then
+      redis.call('HSET', e, 'p', v)
+    end
+    -- A newer write landed while we flushed: it must be flushed too.
+    if mine then
+      redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
+    end
+  end
+end
+
+local dead_count = 0
+while i + 2 <= #ARGV do
+  local m, v, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  i = i + 3
+  local mine = owned(m)
+  local score = redis.call('HGET', bk, m)
+  if mine then
+    redis.call('HDEL', inflight, m)
+    local cur = redis.call('HGET', prefix .. 'e:' .. m, 'v')
+    if cur == v then
+      redis.call('HSET', dead, m, info)
+      dead_count = dead_count + 1
+    elseif cur then
+      redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
+    end
+  end
+  redis.call('HDEL', bk, m)
+end
+
+-- Hand back anything still held (shutdown, or a batch given up on).
+local rest = redis.call('HGETALL', bk)
+for j = 1, #rest, 2 do
+  if redis.call('HGET', inflight, rest[j]) == batch then
+    redis.call('HDEL', inflight, rest[j])
+    redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j])
+  end
+end
+redis.call('DEL', bk)
+redis.call('ZREM', leases, batch)
+redis.call('ZREM', ages, batch)
+if committed > 0 then
+  redis.call('HINCRBY', KEYS[6], 'flushed', committed)
+  redis.call('HINCRBY', KEYS[6], 'batches', 1)
+  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[5] .. ':' .. committed .. ':' .. batch)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[5]) - 600000)
+end
+if dead_count > 0 then
+  redis.call('HINCRBY', KEYS[6], 'dead_lettered', dead_count)
+end
+return {committed, dead_count}

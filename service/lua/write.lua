@@ -1,0 +1,89 @@
+-- The whole write path in one round trip: preconditions, version, entry, dirty mark,
+-- backpressure and "must a flush be scheduled?".
+-- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead
+-- ARGV: 1 op (put|del|patch), 2 document, 3 member,
+--       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
+--       6 If-None-Match mode, 7 If-None-Match list,
+--       8 expected version for a patch compare-and-set ("" = none),
+--       9 Postgres known (0/1), 10 Postgres version floor, 11 Postgres row exists (0/1),
+--       12 wake TTL ms, 13 max pending
+-- Returns {status, version, created, schedule}; status OK, MISS, NOTFOUND, PRECOND,
+-- CONFLICT or FULL.
+local e = KEYS[1]
+local op = ARGV[1]
+local m = ARGV[3]
+
+local cur = redis.call('HMGET', e, 'v', 't')
+local cached = cur[1] ~= false
+local exists, curv
+if cached then
+  exists = cur[2] ~= '1'
+  curv = cur[1]
+else
+  if ARGV[9] ~= '1' then
+    return {'MISS'}
+  end
+  exists = ARGV[11] == '1'
+  curv = ARGV[10]
+end
+
+if (op == 'del' or op == 'patch') and not exists then
+  return {'NOTFOUND', curv}
+end
+
+local needle = ',' .. curv .. ','
+if ARGV[4] == '1' and not exists then
+  return {'PRECOND', curv}
+elseif ARGV[4] == '2' and (not exists or not string.find(ARGV[5], needle, 1, true)) then
+  return {'PRECOND', curv}
+end
+if ARGV[6] == '1' and exists then
+  return {'PRECOND', curv}
+elseif ARGV[6] == '2' and exists and string.find(ARGV[7], needle, 1, true) then
+  return {'PRECOND', curv}
+end
+if ARGV[8] ~= '' and ARGV[8] ~= curv then
+  return {'CONFLICT', curv}
+end
+
+local pending = redis.call('ZSCORE', KEYS[2], m) or redis.call('HEXISTS', KEYS[3], m) == 1
+if not pending then
+  local max_pending = tonumber(ARGV[13])
+  if redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max_pending then
+    return {'FULL', curv}
+  end
+end
+
+-- Versions come from Redis' clock in microseconds, and always exceed the current one
+-- (cached or read from Postgres), so they stay above Postgres across evictions and
+-- Redis data loss. Doubles hold integers exactly up to 2^53 (year 2255 in µs).
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local nv = math.max(now_us, tonumber(curv) + 1)
+local nvs = string.format('%d', nv)
+
+if op == 'del' then
+  redis.call('HSET', e, 'v', nvs, 't', '1')
+  redis.call('HDEL', e, 'd')
+else
+  redis.call('HSET', e, 'v', nvs, 'd', ARGV[2])
+  redis.call('HDEL', e, 't')
+end
+if not cached then
+  redis.call('HSET', e, 'p', curv)
+end
+-- Dirty entries never expire.
+redis.call('PERSIST', e)
+redis.call('HDEL', KEYS[5], m)
+if redis.call('HEXISTS', KEYS[3], m) == 0 then
+  redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m)
+end
+local schedule = '0'
+if redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[12]) then
+  schedule = '1'
+end
+local created = '0'
+if not exists then
+  created = '1'
+end
+return {'OK', nvs, created, schedule}

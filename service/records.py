@@ -1,0 +1,319 @@
+"""The write-behind core as the API sees it: writes through one Lua script, cache-aside
+reads with a guarded fill, invalidation. Postgres is only read here (on misses)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+from arq.connections import ArqRedis
+
+from service import documents, repository
+from service.config import Settings
+from service.connections import PgPool
+from service.errors import REDIS_DOWN, Unavailable, is_postgres_down
+from service.keys import Keys, member
+from service.scripts import Scripts
+from service.wakeups import schedule_flush
+
+log = logging.getLogger("wbcache.records")
+
+
+class Op(StrEnum):
+    PUT = "put"
+    PATCH = "patch"
+    DELETE = "del"
+
+
+class Status(StrEnum):
+    OK = "OK"
+    NOT_FOUND = "NOTFOUND"
+    PRECONDITION_FAILED = "PRECOND"
+    CONFLICT = "CONFLICT"
+    FULL = "FULL"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """An If-Match / If-None-Match condition: ``any`` for ``*``, else a set of versions."""
+
+    any: bool = False
+    versions: frozenset[int] = frozenset()
+
+    def lua(self) -> tuple[str, str]:
+        if self.any:
+            return "1", ""
+        return "2", "," + ",".join(str(v) for v in self.versions) + ","
+
+
+@dataclass(frozen=True, slots=True)
+class Preconditions:
+    if_match: Match | None = None
+    if_none_match: Match | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    status: Status
+    version: int = 0
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a read found: a document (None for a deleted/absent key) at a version."""
+
+    version: int
+    document: bytes | None
+    hit: bool
+
+
+@dataclass
+class Counters:
+    """Per-process counters, added to the shared ones in Redis by a periodic task."""
+
+    hits: int = 0
+    misses: int = 0
+    pending_flush: dict[str, int] = field(default_factory=dict)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RecordStore:
+    def __init__(
+        self,
+        redis: ArqRedis,
+        pg: PgPool,
+        settings: Settings,
+        scripts: Scripts,
+        on_hit: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.pg = pg
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.scripts = scripts
+        self._loads: dict[str, asyncio.Future[Record]] = {}
+        self._on_hit = on_hit
+
+    # -- Postgres -------------------------------------------------------------------------
+
+    async def _fetch(self, collection: str, key: str) -> repository.StoredRow:
+        try:
+            pool = await self.pg.get()
+            return await repository.fetch(pool, collection, key)
+        except Exception as exc:
+            if is_postgres_down(exc) or isinstance(exc, asyncpg.PostgresError):
+                raise Unavailable("postgres", f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def _call_write(
+        self,
+        op: Op,
+        collection: str,
+        key: str,
+        document: bytes,
+        pre: Preconditions,
+        expect: int | None,
+        stored: repository.StoredRow | None,
+        stored_exists: bool,
+    ) -> list[Any]:
+        k = self.keys
+        m = member(collection, key)
+        im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
+        inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
+        try:
+            result: list[Any] = await self.scripts.write(
+                keys=[k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead],
+                args=[
+                    op.value,
+                    document,
+                    m,
+                    im_mode,
+                    im_list,
+                    inm_mode,
+                    inm_list,
+                    "" if expect is None else str(expect),
+                    "0" if stored is None else "1",
+                    "0" if stored is None else str(stored.version),
+                    "1" if stored_exists else "0",
+                    self.settings.write_delay_ms + 5000,
+                    self.settings.max_pending,
+                ],
+            )
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        return result
+
+    async def write(
+        self,
+        op: Op,
+        collection: str,
+        key: str,
+        document: bytes = b"",
+        pre: Preconditions = Preconditions(),  # noqa: B008 - frozen, immutable
+        expect: int | None = None,
+        stored: repository.StoredRow | None = None,
+    ) -> WriteResult:
+        """One atomic write. If the key is not cached, Postgres supplies the version floor
+        (and existence, for preconditions) and the script runs again."""
+        res = await self._call_write(
+            op,
+            collection,
+            key,
+            document,
+            pre,
+            expect,
+            stored,
+            stored is not None and stored.value is not None,
+        )
+        if _s(res[0]) == "MISS":
+            try:
+                stored = await self._fetch(collection, key)
+            except Unavailable:
+                # A blind PUT needs no history: Redis' clock alone keeps versions above
+                # Postgres', so accept it while Postgres is down.
+                if op is not Op.PUT or pre.if_match or pre.if_none_match:
+                    raise
+                stored = repository.StoredRow(None, 0)
+            res = await self._call_write(
+                op, collection, key, document, pre, expect, stored, stored.value is not None
+            )
+        status = Status(_s(res[0]))
+        if status is not Status.OK:
+            return WriteResult(status, int(_s(res[1])) if len(res) > 1 else 0)
+        if _s(res[3]) == "1":
+            await self._wake()
+        return WriteResult(Status.OK, int(_s(res[1])), _s(res[2]) == "1")
+
+    async def _wake(self) -> None:
+        try:
+            await schedule_flush(self.redis, self.keys, self.settings.write_delay_ms)
+        except Exception as exc:  # the sweep catches what a lost wake-up misses
+            log.warning("could not enqueue a flush wake-up: %s", exc)
+
+    async def patch(
+        self, collection: str, key: str, patch: Any, pre: Preconditions
+    ) -> tuple[WriteResult, bytes | None]:
+        """Read, merge in Python, write with a version compare-and-set; retry on conflict."""
+        for _ in range(50):
+            current = await self.read(collection, key, fill=False)
+            if current.document is None:
+                return WriteResult(Status.NOT_FOUND), None
+            merged = documents.merge_patch(documents.parse(current.document), patch)
+            body = documents.canonical(merged, self.settings.max_document_bytes)
+            stored = None
+            if not current.hit:
+                stored = repository.StoredRow(current.document.decode(), current.version)
+            result = await self.write(
+                Op.PATCH, collection, key, body, pre, expect=current.version, stored=stored
+            )
+            if result.status is not Status.CONFLICT:
+                return result, body
+        raise Unavailable("redis", "too many concurrent patches of this key; retry")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def read(self, collection: str, key: str, fill: bool = True) -> Record:
+        entry = self.keys.entry(collection, key)
+        try:
+            v, d, t = await self.redis.hmget(entry, ["v", "d", "t"])  # type: ignore[misc]
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        if v is not None:
+            if self._on_hit:
+                self._on_hit(True)
+            return Record(int(v), None if t == b"1" else d, hit=True)
+        if self._on_hit:
+            self._on_hit(False)
+        if not fill:
+            row = await self._fetch(collection, key)
+            doc = documents.from_postgres(row.value) if row.value is not None else None
+            return Record(row.version, doc, hit=False)
+        return await self._load_once(collection, key)
+
+    async def _load_once(self, collection: str, key: str) -> Record:
+        """Concurrent misses of one key in this process share one Postgres read."""
+        m = member(collection, key)
+        pending = self._loads.get(m)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._loads[m] = fut
+        try:
+            record = await self._load(collection, key)
+            fut.set_result(record)
+            return record
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._loads[m]
+
+    async def _load(self, collection: str, key: str) -> Record:
+        row = await self._fetch(collection, key)
+        doc = documents.from_postgres(row.value) if row.value is not None else None
+        ttl = (
+            self.settings.clean_ttl_seconds
+            if doc is not None
+            else self.settings.negative_ttl_seconds
+        )
+        try:
+            installed = await self.scripts.fill(
+                keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
+                args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
+            )
+            if not installed:
+                # Something newer reached the cache meanwhile (a write, a delete): use it.
+                v, d, t = await self.redis.hmget(  # type: ignore[misc]
+                    self.keys.entry(collection, key), ["v", "d", "t"]
+                )
+                if v is not None:
+                    return Record(int(v), None if t == b"1" else d, hit=False)
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        return Record(row.version, doc, hit=False)
+
+    # -- invalidation ---------------------------------------------------------------------
+
+    async def invalidate(self, collection: str, keys: list[str] | None) -> tuple[int, int]:
+        """Drop clean cached copies (never a pending write); returns (dropped, skipped)."""
+        k = self.keys
+        floor_ttl = max(60_000, int(self.settings.pg_timeout_seconds * 4000))
+        dropped = skipped = 0
+
+        async def run(members: list[str]) -> None:
+            nonlocal dropped, skipped
+            res = await self.scripts.invalidate(
+                keys=[k.dirty, k.inflight, k.dead], args=[k.prefix, floor_ttl, *members]
+            )
+            dropped += int(res[0])
+            skipped += int(res[1])
+
+        try:
+            if keys is not None:
+                for i in range(0, len(keys), 500):
+                    await run([member(collection, key) for key in keys[i : i + 500]])
+            else:
+                pattern = f"{k.entry_prefix}{collection}:*"
+                chunk: list[str] = []
+                async for raw in self.redis.scan_iter(match=pattern, count=1000):
+                    chunk.append(_s(raw)[len(k.entry_prefix) :])
+                    if len(chunk) >= 500:
+                        await run(chunk)
+                        chunk = []
+                if chunk:
+                    await run(chunk)
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        return dropped, skipped

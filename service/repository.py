@@ -1,0 +1,113 @@
+"""Postgres: the only SQL of the service, used by the API (reads) and the worker (flushes).
+
+``records`` holds live rows; ``tombstones`` remembers the version of every delete, so a
+late or repeated flush of an older write cannot bring a deleted key back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+_FETCH = """
+SELECT r.value::text AS value, r.version AS version, t.version AS deleted
+FROM (SELECT $1::text AS collection, $2::text AS key) AS q
+LEFT JOIN records r ON r.collection = q.collection AND r.key = q.key
+LEFT JOIN tombstones t ON t.collection = q.collection AND t.key = q.key
+"""
+
+# One statement for all upserts of a batch: a row only moves to a newer version, and never
+# to one at or below the key's last delete.
+_UPSERT = """
+INSERT INTO records (collection, key, value, version, updated_at)
+SELECT u.collection, u.key, u.value::jsonb, u.version, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+     AS u(collection, key, value, version)
+WHERE NOT EXISTS (
+    SELECT 1 FROM tombstones t
+    WHERE t.collection = u.collection AND t.key = u.key AND t.version >= u.version
+)
+ON CONFLICT (collection, key) DO UPDATE
+SET value = excluded.value, version = excluded.version, updated_at = excluded.updated_at
+WHERE records.version < excluded.version
+"""
+
+# One statement for all deletes: remember the delete's version, then remove older rows.
+_DELETE = """
+WITH d AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS d(collection, key, version)
+), remembered AS (
+    INSERT INTO tombstones (collection, key, version, deleted_at)
+    SELECT collection, key, version, now() FROM d
+    ON CONFLICT (collection, key) DO UPDATE
+    SET version = excluded.version, deleted_at = excluded.deleted_at
+    WHERE tombstones.version < excluded.version
+)
+DELETE FROM records r USING d
+WHERE r.collection = d.collection AND r.key = d.key AND r.version < d.version
+"""
+
+_GC_TOMBSTONES = """
+DELETE FROM tombstones WHERE deleted_at < now() - make_interval(days => $1::int)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """What Postgres knows of a key: its document text if live, and the highest version
+    it has seen for it (row or delete)."""
+
+    value: str | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    collection: str
+    key: str
+    value: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    collection: str
+    key: str
+    version: int
+
+
+async def fetch(pool: asyncpg.Pool, collection: str, key: str) -> StoredRow:
+    row = await pool.fetchrow(_FETCH, collection, key)
+    assert row is not None
+    version = max(row["version"] or 0, row["deleted"] or 0)
+    return StoredRow(value=row["value"], version=version)
+
+
+async def persist(conn: asyncpg.Connection, upserts: list[Upsert], deletes: list[Delete]) -> None:
+    """Apply one coalesced batch (at most one operation per key) in one transaction."""
+    async with conn.transaction():
+        if upserts:
+            await conn.execute(
+                _UPSERT,
+                [u.collection for u in upserts],
+                [u.key for u in upserts],
+                [u.value for u in upserts],
+                [u.version for u in upserts],
+            )
+        if deletes:
+            await conn.execute(
+                _DELETE,
+                [d.collection for d in deletes],
+                [d.key for d in deletes],
+                [d.version for d in deletes],
+            )
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    await pool.fetchval("SELECT 1")
+
+
+async def gc_tombstones(pool: asyncpg.Pool, retention_days: int) -> int:
+    status = await pool.execute(_GC_TOMBSTONES, retention_days)
+    return int(status.split()[-1])

@@ -1,0 +1,36 @@
+"""The Lua scripts of the write-behind core, registered once per Redis client.
+
+redis-py's Script objects call EVALSHA and reload the script on NOSCRIPT (e.g. after a
+Redis restart), so each call costs one round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+
+def _source(name: str) -> str:
+    return (files("service") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Scripts:
+    write: AsyncScript
+    fill: AsyncScript
+    claim: AsyncScript
+    release: AsyncScript
+    invalidate: AsyncScript
+
+    @classmethod
+    def register(cls, redis: Redis) -> Scripts:
+        return cls(
+            write=redis.register_script(_source("write")),
+            fill=redis.register_script(_source("fill")),
+            claim=redis.register_script(_source("claim")),
+            release=redis.register_script(_source("release")),
+            invalidate=redis.register_script(_source("invalidate")),
+        )

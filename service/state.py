@@ -1,0 +1,63 @@
+"""Per-process resources of the API, created by the lifespan and read by the routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from arq.connections import ArqRedis
+
+from service.config import Settings
+from service.connections import PgPool
+from service.flusher import Flusher
+from service.keys import Keys
+from service.metrics import Metrics
+from service.records import RecordStore
+
+
+@dataclass
+class HitCounters:
+    """Hits and misses of this process, added to the shared counters in Redis by a
+    periodic task (so a cache hit costs no extra round trip)."""
+
+    hits: int = 0
+    misses: int = 0
+
+    def record(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    def take(self) -> tuple[int, int]:
+        out = (self.hits, self.misses)
+        self.hits = self.misses = 0
+        return out
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    keys: Keys
+    redis: ArqRedis
+    pg: PgPool
+    store: RecordStore
+    flusher: Flusher
+    counters: HitCounters
+    metrics: Metrics
+    postgres_status: str = "unknown"
+    redis_config_warnings: list[str] = field(default_factory=list)
+
+    async def flush_counters(self) -> None:
+        hits, misses = self.counters.take()
+        if not hits and not misses:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.counters, "hits", hits)
+            pipe.hincrby(self.keys.counters, "misses", misses)
+            await pipe.execute()
+        except Exception:
+            # Keep them for the next attempt rather than lose them.
+            self.counters.hits += hits
+            self.counters.misses += misses
+            raise

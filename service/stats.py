@@ -1,0 +1,66 @@
+"""Queue and cache numbers, read from Redis in one round trip; the same numbers feed
+/v1/stats, /metrics, ``wbcache status`` and the dashboard."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from service.keys import Keys
+
+WORKER_ALIVE_MS = 15_000
+
+
+async def collect(redis: Redis, keys: Keys) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    pipe = redis.pipeline(transaction=False)
+    pipe.zcard(keys.dirty)
+    pipe.hlen(keys.inflight)
+    pipe.zrange(keys.dirty, 0, 0, withscores=True)
+    pipe.zrange(keys.batch_age, 0, 0, withscores=True)
+    pipe.hlen(keys.dead)
+    pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
+    pipe.hgetall(keys.counters)
+    pipe.zcard(keys.arq_queue)
+    pipe.zcard(keys.leases)
+    pipe.zrangebyscore(keys.flush_log, now - 60_000, "+inf")
+    pipe.get(keys.last_error)
+    (
+        dirty,
+        inflight,
+        oldest_dirty,
+        oldest_batch,
+        dead,
+        workers,
+        counters_raw,
+        queued,
+        batches,
+        recent,
+        last_error,
+    ) = await pipe.execute()
+
+    oldest = [int(s) for _, s in (oldest_dirty + oldest_batch)]
+    counters = {k.decode(): int(v) for k, v in counters_raw.items()}
+    hits, misses = counters.get("hits", 0), counters.get("misses", 0)
+    flushed_last_minute = sum(int(m.split(b":")[1]) for m in recent)
+    return {
+        "pending": dirty + inflight,
+        "oldest_pending_age_s": round((now - min(oldest)) / 1000, 3) if oldest else None,
+        "queued_jobs": queued,
+        "batches_in_flight": batches,
+        "dead_letters": dead,
+        "workers": len(workers),
+        "worker_heartbeats": {w.decode(): round((now - int(s)) / 1000, 3) for w, s in workers},
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+        "flushed": counters.get("flushed", 0),
+        "flush_batches": counters.get("batches", 0),
+        "flush_rate_per_s": round(flushed_last_minute / 60, 2),
+        "flush_failures": counters.get("flush_failures", 0),
+        "dead_lettered_total": counters.get("dead_lettered", 0),
+        "last_flush_error": orjson.loads(last_error) if last_error else None,
+    }

@@ -1,0 +1,85 @@
+"""The Redis and Postgres the tests use: the test URLs when they answer, else throwaway
+servers started here. Never the URLs a user runs with (REDIS_URL / DATABASE_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis
+
+from service.embedded import PostgresServer, RedisServer
+
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_test"
+
+
+@dataclass
+class TestServers:
+    redis_url: str
+    database_url: str
+    owned: list[RedisServer | PostgresServer]
+
+    def close(self) -> None:
+        for server in self.owned:
+            server.stop()
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+async def _postgres_answers(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(_with_database(url, "postgres"), timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+async def recreate_database(url: str) -> None:
+    """Drop and create the test database, so every run starts from the migrations."""
+    name = urlsplit(url).path.lstrip("/")
+    assert name.endswith("test") or "test" in name, f"refusing to drop non-test database {name}"
+    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
+    finally:
+        await conn.close()
+
+
+def start_test_servers() -> TestServers:
+    redis_url = os.environ.get("WBCACHE_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    database_url = os.environ.get("WBCACHE_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
+    owned: list[RedisServer | PostgresServer] = []
+    base = Path(tempfile.mkdtemp(prefix="wbcache-test-servers-"))
+    if not _redis_answers(redis_url):
+        r = RedisServer(base / "redis", appendonly=True)
+        r.start()
+        owned.append(r)
+        redis_url = r.url
+    if not asyncio.run(_postgres_answers(database_url)):
+        p = PostgresServer(base / "postgres", fsync=False)
+        p.start()
+        owned.append(p)
+        database_url = _with_database(p.url, "wbcache_test")
+    return TestServers(redis_url, database_url, owned)

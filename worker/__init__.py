@@ -1,0 +1,1 @@
+"""The wbcache worker: arq jobs that persist accepted writes to Postgres."""

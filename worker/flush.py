@@ -1,0 +1,61 @@
+"""arq job functions. Jobs carry no data: each wakes this process' flusher, which drains
+every ready batch; the cron sweep is the safety net for lost or failed wake-ups and takes
+over batches whose worker died (their lease ran out)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from service import repository
+from service.flusher import Flusher
+from service.keys import Keys
+from service.wakeups import arm_and_schedule
+
+log = logging.getLogger("wbcache.worker")
+
+
+async def _drain(ctx: dict[str, Any]) -> int:
+    flusher: Flusher = ctx["flusher"]
+    lock: asyncio.Lock = ctx["flush_lock"]
+    keys: Keys = flusher.keys
+    if lock.locked():
+        return 0  # this process is already draining; it will see the new work
+    async with lock:
+        await flusher.redis.delete(keys.wake)
+        flushed = 0
+        while True:
+            flushed += await flusher.drain_ready()
+            wait_ms = await flusher.next_ready_in_ms()
+            # Keep draining while work becomes due soon; otherwise go back to sleep.
+            if wait_ms is None or wait_ms > flusher.settings.write_delay_ms:
+                break
+            await asyncio.sleep(wait_ms / 1000)
+    # Outside the lock: a wake-up that arrived while we drained returned at once, so
+    # schedule whatever is still dirty ourselves.
+    wait_ms = await flusher.next_ready_in_ms()
+    if wait_ms is not None:
+        await arm_and_schedule(flusher.redis, keys, wait_ms, flusher.settings.write_delay_ms + 5000)
+    return flushed
+
+
+async def flush(ctx: dict[str, Any]) -> int:
+    return await _drain(ctx)
+
+
+async def sweep(ctx: dict[str, Any]) -> int:
+    flushed = await _drain(ctx)
+    ctx["sweeps"] = ctx.get("sweeps", 0) + 1
+    if ctx["sweeps"] % 720 == 1:  # about hourly: forget deletes older than the retention
+        flusher: Flusher = ctx["flusher"]
+        try:
+            pool = await flusher.pg.get()
+            removed = await repository.gc_tombstones(
+                pool, flusher.settings.tombstone_retention_days
+            )
+            if removed:
+                log.info("collected %d old tombstones", removed)
+        except Exception as exc:
+            log.debug("tombstone collection skipped: %s", exc)
+    return flushed

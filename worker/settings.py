@@ -1,0 +1,97 @@
+"""WorkerSettings for arq, built from the service settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import func
+
+from service.config import Settings, get_settings
+from service.connections import PgPool, create_redis
+from service.flusher import Flusher
+from service.keys import Keys
+from service.redis_check import check_redis_durability
+from service.scripts import Scripts
+from service.wakeups import FLUSH_JOB
+from worker.flush import flush, sweep
+
+log = logging.getLogger("wbcache.worker")
+
+HEARTBEAT_SECONDS = 5.0
+
+
+async def _heartbeat(ctx: dict[str, Any]) -> None:
+    flusher: Flusher = ctx["flusher"]
+    keys: Keys = flusher.keys
+    period = min(HEARTBEAT_SECONDS, flusher.settings.lease_seconds / 3)
+    while True:
+        try:
+            now = int(time.time() * 1000)
+            await flusher.redis.zadd(keys.workers, {ctx["worker_id"]: now})
+            await flusher.redis.zremrangebyscore(keys.workers, "-inf", now - 3_600_000)
+            await flusher.renew_leases()
+        except Exception as exc:
+            log.debug("heartbeat failed: %s", exc)
+        await asyncio.sleep(period)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx.get("settings") or get_settings()
+    redis = create_redis("worker", settings)
+    pg = PgPool("worker", settings)
+    ctx["worker_id"] = f"{uuid.uuid4().hex[:12]}"
+    ctx["redis_client"] = redis
+    ctx["pg"] = pg
+    ctx["flusher"] = Flusher(redis, pg, settings, Scripts.register(redis))
+    ctx["flush_lock"] = asyncio.Lock()
+    with contextlib.suppress(Exception):
+        await check_redis_durability(redis)
+    ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+    log.info("worker %s started", ctx["worker_id"])
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    ctx["heartbeat"].cancel()
+    flusher: Flusher = ctx["flusher"]
+    with contextlib.suppress(Exception):
+        await flusher.redis.zrem(flusher.keys.workers, ctx["worker_id"])
+    await ctx["pg"].close()
+    await ctx["redis_client"].aclose()
+    log.info("worker %s stopped", ctx["worker_id"])
+
+
+def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker``."""
+    settings = settings or get_settings()
+    keys = Keys(settings.redis_prefix)
+    sweep_seconds = max(1, min(30, settings.sweep_seconds))
+    return {
+        "functions": [func(flush, name=FLUSH_JOB, keep_result=0, timeout=None, max_tries=1)],
+        "cron_jobs": [
+            cron(
+                sweep,
+                second=set(range(0, 60, sweep_seconds)),
+                run_at_startup=True,
+                unique=True,
+                keep_result=0,
+                timeout=None,
+            )
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": keys.arq_queue,
+        "health_check_key": f"{keys.prefix}arq:health-check",
+        "ctx": {"settings": settings},
+        "max_jobs": 4,
+        "keep_result": 0,
+        "poll_delay": 0.1,
+        "handle_signals": True,
+    }
