@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -71,15 +71,6 @@ class Record:
     version: int
     document: bytes | None
     hit: bool
-
-
-@dataclass
-class Counters:
-    """Per-process counters, added to the shared ones in Redis by a periodic task."""
-
-    hits: int = 0
-    misses: int = 0
-    pending_flush: dict[str, int] = field(default_factory=dict)
 
 
 def _s(v: Any) -> str:
@@ -230,15 +221,15 @@ class RecordStore:
         except REDIS_DOWN as exc:
             raise Unavailable("redis", str(exc)) from exc
         if v is not None:
-            if self._on_hit:
+            if fill and self._on_hit:
                 self._on_hit(True)
             return Record(int(v), None if t == b"1" else d, hit=True)
-        if self._on_hit:
-            self._on_hit(False)
         if not fill:
             row = await self._fetch(collection, key)
             doc = documents.from_postgres(row.value) if row.value is not None else None
             return Record(row.version, doc, hit=False)
+        if self._on_hit:
+            self._on_hit(False)
         return await self._load_once(collection, key)
 
     async def _load_once(self, collection: str, key: str) -> Record:

@@ -1,0 +1,82 @@
+"""Canonical serialization and RFC 7396 merge patch (pure logic, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from service import documents
+from service.documents import DocumentError
+
+
+def test_canonical_sorts_keys_so_postgres_round_trip_is_stable() -> None:
+    doc = {"bb": 1, "a": [1.5, 1e20, {"z": None, "y": "é"}], "c": -0.0}
+    canon = documents.canonical(doc, 10_000)
+    # jsonb text of the same value: keys reordered by length, spaces, numbers rewritten.
+    jsonb_text = '{"a": [1.5, 100000000000000000000, {"y": "é", "z": null}], "c": -0.0, "bb": 1}'
+    assert documents.from_postgres(jsonb_text) == canon
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"k": "a\x00b"}, {"a\x00": 1}, ["x", ["\x00"]]],
+)
+def test_nul_is_refused(value: Any) -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.canonical(value, 10_000)
+    assert exc.value.code == "invalid_document"
+
+
+def test_escaped_backslash_u0000_text_is_not_nul() -> None:
+    value = {"k": "\\u0000"}  # a backslash followed by u0000: fine for jsonb
+    assert documents.canonical(value, 10_000) == orjson.dumps(value)
+
+
+def test_size_limit_applies_to_canonical_bytes() -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.canonical({"k": "x" * 100}, 50)
+    assert exc.value.code == "too_large"
+
+
+def test_integers_beyond_64_bits_are_refused_or_parsed() -> None:
+    with pytest.raises(DocumentError):
+        documents.canonical(2**70, 1000)
+
+
+def test_malformed_json() -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(b"{nope")
+    assert exc.value.code == "malformed_json"
+
+
+# RFC 7396 Appendix A, the whole table.
+RFC7396_EXAMPLES: list[tuple[Any, Any, Any]] = [
+    ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+    ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+    ({"a": "b"}, {"a": None}, {}),
+    ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+    ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+    ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+    ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+    ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+    (["a", "b"], ["c", "d"], ["c", "d"]),
+    ({"a": "b"}, ["c"], ["c"]),
+    ({"a": "foo"}, None, None),
+    ({"a": "foo"}, "bar", "bar"),
+    ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+    ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+    ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+]
+
+
+@pytest.mark.parametrize(("target", "patch", "expected"), RFC7396_EXAMPLES)
+def test_merge_patch_rfc7396_examples(target: Any, patch: Any, expected: Any) -> None:
+    assert documents.merge_patch(target, patch) == expected
+
+
+def test_merge_patch_does_not_mutate_target() -> None:
+    target = {"a": {"b": 1}}
+    documents.merge_patch(target, {"a": {"b": 2}})
+    assert target == {"a": {"b": 1}}
