@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 
-from service.api import errors, ops, records
+from service.api import deadletters, errors, ops, records
 from service.config import Settings, get_settings
 from service.connections import PgPool, create_redis
+from service.deadletters import DeadLetters
 from service.errors import REDIS_DOWN
 from service.flusher import Flusher
 from service.keys import Keys
@@ -48,6 +49,7 @@ def build_state(settings: Settings, process: str = "api") -> AppState:
         flusher=Flusher(redis, pg, settings, scripts),
         counters=counters,
         metrics=Metrics(),
+        dead_letters=DeadLetters(redis, Keys(settings.redis_prefix), scripts),
     )
 
 
@@ -83,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(Exception):
                 await state.flush_counters()
             await state.pg.close()
-            await state.redis.aclose()
+            await state.redis.aclose(close_connection_pool=True)
 
     app = FastAPI(
         title="wbcache",
@@ -94,5 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(ops.router)
+    app.include_router(deadletters.router)
     app.include_router(records.router)
     return app

@@ -120,7 +120,7 @@ def status(
         try:
             return await stats.collect(redis, Keys(settings.redis_prefix))
         finally:
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)
 
     try:
         s = asyncio.run(run())

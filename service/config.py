@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     # Write path
     max_document_bytes: int = 1024 * 1024
     max_pending: int = 1_000_000
+    # Past MAX_PENDING: "reject" answers 503 + Retry-After; "through" writes synchronously.
+    backpressure_mode: Literal["reject", "through"] = "reject"
     write_through_timeout: float = 5.0
     # Per-collection overrides, as JSON in the environment: {"orders": "through"}
     collection_write_mode: dict[str, WriteMode] = Field(default_factory=dict)

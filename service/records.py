@@ -71,6 +71,7 @@ class Record:
     version: int
     document: bytes | None
     hit: bool
+    dead_lettered: bool = False
 
 
 def _s(v: Any) -> str:
@@ -117,6 +118,7 @@ class RecordStore:
         expect: int | None,
         stored: repository.StoredRow | None,
         stored_exists: bool,
+        force: bool,
     ) -> list[Any]:
         k = self.keys
         m = member(collection, key)
@@ -138,7 +140,7 @@ class RecordStore:
                     "0" if stored is None else str(stored.version),
                     "1" if stored_exists else "0",
                     self.settings.write_delay_ms + 5000,
-                    self.settings.max_pending,
+                    0 if force else self.settings.max_pending,
                 ],
             )
         except REDIS_DOWN as exc:
@@ -154,6 +156,7 @@ class RecordStore:
         pre: Preconditions = Preconditions(),  # noqa: B008 - frozen, immutable
         expect: int | None = None,
         stored: repository.StoredRow | None = None,
+        force: bool = False,
     ) -> WriteResult:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
         (and existence, for preconditions) and the script runs again."""
@@ -166,6 +169,7 @@ class RecordStore:
             expect,
             stored,
             stored is not None and stored.value is not None,
+            force,
         )
         if _s(res[0]) == "MISS":
             try:
@@ -177,7 +181,7 @@ class RecordStore:
                     raise
                 stored = repository.StoredRow(None, 0)
             res = await self._call_write(
-                op, collection, key, document, pre, expect, stored, stored.value is not None
+                op, collection, key, document, pre, expect, stored, stored.value is not None, force
             )
         status = Status(_s(res[0]))
         if status is not Status.OK:
@@ -193,7 +197,7 @@ class RecordStore:
             log.warning("could not enqueue a flush wake-up: %s", exc)
 
     async def patch(
-        self, collection: str, key: str, patch: Any, pre: Preconditions
+        self, collection: str, key: str, patch: Any, pre: Preconditions, force: bool = False
     ) -> tuple[WriteResult, bytes | None]:
         """Read, merge in Python, write with a version compare-and-set; retry on conflict."""
         for _ in range(50):
@@ -206,7 +210,14 @@ class RecordStore:
             if not current.hit:
                 stored = repository.StoredRow(current.document.decode(), current.version)
             result = await self.write(
-                Op.PATCH, collection, key, body, pre, expect=current.version, stored=stored
+                Op.PATCH,
+                collection,
+                key,
+                body,
+                pre,
+                expect=current.version,
+                stored=stored,
+                force=force,
             )
             if result.status is not Status.CONFLICT:
                 return result, body
@@ -217,13 +228,13 @@ class RecordStore:
     async def read(self, collection: str, key: str, fill: bool = True) -> Record:
         entry = self.keys.entry(collection, key)
         try:
-            v, d, t = await self.redis.hmget(entry, ["v", "d", "t"])  # type: ignore[misc]
+            v, d, t, x = await self.redis.hmget(entry, ["v", "d", "t", "x"])  # type: ignore[misc]
         except REDIS_DOWN as exc:
             raise Unavailable("redis", str(exc)) from exc
         if v is not None:
             if fill and self._on_hit:
                 self._on_hit(True)
-            return Record(int(v), None if t == b"1" else d, hit=True)
+            return Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
         if not fill:
             row = await self._fetch(collection, key)
             doc = documents.from_postgres(row.value) if row.value is not None else None

@@ -24,6 +24,7 @@ class Scripts:
     claim: AsyncScript
     release: AsyncScript
     invalidate: AsyncScript
+    dead_letters: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
@@ -33,4 +34,5 @@ class Scripts:
             claim=redis.register_script(_source("claim")),
             release=redis.register_script(_source("release")),
             invalidate=redis.register_script(_source("invalidate")),
+            dead_letters=redis.register_script(_source("deadletters")),
         )

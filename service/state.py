@@ -8,6 +8,7 @@ from arq.connections import ArqRedis
 
 from service.config import Settings
 from service.connections import PgPool
+from service.deadletters import DeadLetters
 from service.flusher import Flusher
 from service.keys import Keys
 from service.metrics import Metrics
@@ -44,6 +45,7 @@ class AppState:
     flusher: Flusher
     counters: HitCounters
     metrics: Metrics
+    dead_letters: DeadLetters
     postgres_status: str = "unknown"
     redis_config_warnings: list[str] = field(default_factory=list)
 

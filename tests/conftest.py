@@ -76,7 +76,7 @@ async def redis(settings: Settings) -> AsyncIterator[Any]:
     # Leave nothing behind under this test's prefix.
     async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
         await client.delete(k)
-    await client.aclose()
+    await client.aclose(close_connection_pool=True)
 
 
 @contextlib.asynccontextmanager

@@ -63,7 +63,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         await flusher.redis.zrem(flusher.keys.workers, ctx["worker_id"])
     await ctx["pg"].close()
-    await ctx["redis_client"].aclose()
+    await ctx["redis_client"].aclose(close_connection_pool=True)
     log.info("worker %s stopped", ctx["worker_id"])
 
 

@@ -55,6 +55,11 @@ def _write_mode(state: AppState, request: Request, collection: str) -> str:
     return mode
 
 
+def _overflow_through(state: AppState, result: WriteResult) -> bool:
+    """Past MAX_PENDING, writes may be configured to go through instead of failing."""
+    return result.status is Status.FULL and state.settings.backpressure_mode == "through"
+
+
 def _check(result: WriteResult) -> None:
     if result.status is Status.NOT_FOUND:
         raise ApiError(404, "not_found", "No such record.")
@@ -106,6 +111,9 @@ async def put_record(request: Request, state: StateDep) -> Response:
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     doc = documents.canonical(documents.parse(body), state.settings.max_document_bytes)
     result = await state.store.write(Op.PUT, collection, key, doc, pre)
+    if _overflow_through(state, result):
+        result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+        mode = "through"
     _check(result)
     if mode == "through":
         await _through(state, collection, key, result.version)
@@ -131,6 +139,9 @@ async def patch_record(request: Request, state: StateDep) -> Response:
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     patch = documents.parse(body)
     result, merged = await state.store.patch(collection, key, patch, pre)
+    if _overflow_through(state, result):
+        result, merged = await state.store.patch(collection, key, patch, pre, force=True)
+        mode = "through"
     _check(result)
     assert merged is not None
     if mode == "through":
@@ -158,6 +169,8 @@ async def get_record(request: Request, state: StateDep) -> Response:
         "Cache-Control": _cache_control(state, collection),
         "X-Cache": x_cache,
     }
+    if record.dead_lettered:
+        headers["X-Dead-Letter"] = "true"
     if none_match_hits(inm, record.version):
         return Response(status_code=304, headers=headers)
     return Response(record.document, 200, headers, media_type="application/json")
@@ -169,6 +182,9 @@ async def delete_record(request: Request, state: StateDep) -> Response:
     pre = _preconditions(request)
     mode = _write_mode(state, request, collection)
     result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+    if _overflow_through(state, result):
+        result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+        mode = "through"
     _check(result)
     if mode == "through":
         await _through(state, collection, key, result.version)

@@ -61,6 +61,7 @@ while i + 2 <= #ARGV do
     local cur = redis.call('HGET', prefix .. 'e:' .. m, 'v')
     if cur == v then
       redis.call('HSET', dead, m, info)
+      redis.call('HSET', prefix .. 'e:' .. m, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
       redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)

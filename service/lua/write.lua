@@ -6,7 +6,7 @@
 --       6 If-None-Match mode, 7 If-None-Match list,
 --       8 expected version for a patch compare-and-set ("" = none),
 --       9 Postgres known (0/1), 10 Postgres version floor, 11 Postgres row exists (0/1),
---       12 wake TTL ms, 13 max pending
+--       12 wake TTL ms, 13 max pending ("0": no limit, for writes forced through)
 -- Returns {status, version, created, schedule}; status OK, MISS, NOTFOUND, PRECOND,
 -- CONFLICT or FULL.
 local e = KEYS[1]
@@ -49,7 +49,7 @@ end
 local pending = redis.call('ZSCORE', KEYS[2], m) or redis.call('HEXISTS', KEYS[3], m) == 1
 if not pending then
   local max_pending = tonumber(ARGV[13])
-  if redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max_pending then
+  if max_pending > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max_pending then
     return {'FULL', curv}
   end
 end
@@ -64,16 +64,17 @@ local nvs = string.format('%d', nv)
 
 if op == 'del' then
   redis.call('HSET', e, 'v', nvs, 't', '1')
-  redis.call('HDEL', e, 'd')
+  redis.call('HDEL', e, 'd', 'x')
 else
   redis.call('HSET', e, 'v', nvs, 'd', ARGV[2])
-  redis.call('HDEL', e, 't')
+  redis.call('HDEL', e, 't', 'x')
 end
 if not cached then
   redis.call('HSET', e, 'p', curv)
 end
 -- Dirty entries never expire.
 redis.call('PERSIST', e)
+-- A newer write supersedes a dead-lettered one.
 redis.call('HDEL', KEYS[5], m)
 if redis.call('HEXISTS', KEYS[3], m) == 0 then
   redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m)

@@ -165,6 +165,8 @@ def test_cleanup_orphan(
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
     # the owner died without stopping its server
     assert not gone(pid) and not refused(port)
 

@@ -12,10 +12,10 @@ from service.documents import DocumentError
 
 
 def test_canonical_sorts_keys_so_postgres_round_trip_is_stable() -> None:
-    doc = {"bb": 1, "a": [1.5, 1e20, {"z": None, "y": "é"}], "c": -0.0}
+    doc = {"bb": 1, "a": [1.5, 1e20, {"z": None, "y": "é"}], "c": -0.0, "d": -0.0e-5}
     canon = documents.canonical(doc, 10_000)
     # jsonb text of the same value: keys reordered by length, spaces, numbers rewritten.
-    jsonb_text = '{"a": [1.5, 100000000000000000000, {"y": "é", "z": null}], "c": -0.0, "bb": 1}'
+    jsonb_text = '{"a": [1.5, 100000000000000000000, {"y": "é", "z": null}], "c": 0.0, "d": 0.0, "bb": 1}'
     assert documents.from_postgres(jsonb_text) == canon
 
 
@@ -80,3 +80,13 @@ def test_merge_patch_does_not_mutate_target() -> None:
     target = {"a": {"b": 1}}
     documents.merge_patch(target, {"a": {"b": 2}})
     assert target == {"a": {"b": 1}}
+
+
+def test_numbers_as_postgres_prints_them() -> None:
+    # jsonb prints 1e16..1e19 as integers (read back as ints) and has no negative zero.
+    value = [1e15, 1e16, 1.5e17, 1e19, 1e20, -1e19, -0.0, 1e-7]
+    canon = documents.canonical(value, 10_000)
+    as_jsonb = "[1000000000000000.0, 10000000000000000, 150000000000000000, "
+    as_jsonb += "10000000000000000000, 100000000000000000000, -10000000000000000000, 0.0, "
+    as_jsonb += "0.0000001]"
+    assert documents.from_postgres(as_jsonb) == canon

@@ -1,0 +1,77 @@
+"""Dead letters: writes Postgres refused for good (SQLSTATE 22/23), kept with the error
+until an operator retries or drops them. Used by the API and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+
+from service.keys import Keys, member
+from service.scripts import Scripts
+from service.wakeups import schedule_flush
+
+log = logging.getLogger("wbcache.deadletters")
+
+
+class DeadLetters:
+    def __init__(self, redis: ArqRedis, keys: Keys, scripts: Scripts) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+
+    async def page(self, cursor: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """One page of dead letters and the cursor of the next (0 when done)."""
+        items: list[dict[str, Any]] = []
+        while True:
+            cursor, chunk = await self.redis.hscan(self.keys.dead, cursor, count=limit)
+            items.extend(orjson.loads(v) for v in chunk.values())
+            if cursor == 0 or len(items) >= limit:
+                return items, cursor
+
+    async def count(self) -> int:
+        return int(await self.redis.hlen(self.keys.dead))  # type: ignore[misc]
+
+    async def _members(self, items: Sequence[tuple[str, str]] | None) -> list[list[str]]:
+        if items is not None:
+            ms = [member(c, k) for c, k in items]
+            return [ms[i : i + 500] for i in range(0, len(ms), 500)]
+        chunks: list[list[str]] = []
+        cursor = 0
+        while True:
+            cursor, chunk = await self.redis.hscan(self.keys.dead, cursor, count=500)
+            if chunk:
+                chunks.append([m.decode() for m in chunk])
+            if cursor == 0:
+                return chunks
+
+    async def _act(self, action: str, items: Sequence[tuple[str, str]] | None) -> list[str]:
+        done: list[str] = []
+        for chunk in await self._members(items):
+            res = await self.scripts.dead_letters(
+                keys=[self.keys.dead, self.keys.dirty, self.keys.inflight],
+                args=[action, self.keys.prefix, int(time.time() * 1000), *chunk],
+            )
+            done.extend(m.decode() for m in res)
+        return done
+
+    async def retry(self, items: Sequence[tuple[str, str]] | None) -> list[str]:
+        """Put the writes back in the queue (e.g. after fixing the constraint)."""
+        done = await self._act("retry", items)
+        if done:
+            log.info("dead letters retried: %d (%s)", len(done), ", ".join(done[:20]))
+            await schedule_flush(self.redis, self.keys, 0)
+        return done
+
+    async def drop(self, items: Sequence[tuple[str, str]] | None) -> list[str]:
+        """Discard the writes and evict their cached entries: reads show Postgres' state."""
+        done = await self._act("drop", items)
+        if done:
+            log.warning(
+                "dead letters DROPPED by operator: %d (%s)", len(done), ", ".join(done[:20])
+            )
+        return done
