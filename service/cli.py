@@ -81,6 +81,53 @@ def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
     Worker(**worker_settings(settings)).run()
 
 
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Address the API binds")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API")] = 8000,
+    data_dir: Annotated[str, typer.Option(help="Where embedded servers keep data")] = ".wbcache",
+) -> None:
+    """Everything for a laptop: embedded Redis/Postgres for unset URLs, migrations, API and
+    one worker. Ctrl-C drains and stops all of it."""
+    from service.up import run
+
+    raise typer.Exit(run(host=host, port=port, data_dir=data_dir))
+
+
+@app.command()
+def healthcheck(
+    kind: Annotated[str, typer.Argument(help="api or worker")] = "api",
+    url: Annotated[str, typer.Option(help="API base URL (kind api)")] = "http://127.0.0.1:8000",
+    max_age: Annotated[float, typer.Option(help="Max heartbeat age in s (kind worker)")] = 30.0,
+) -> None:
+    """Exit 0 when healthy: the API answers /healthz, or this machine's worker wrote its
+    heartbeat file recently (for container health checks)."""
+    import time
+    import urllib.request
+
+    if kind == "worker":
+        path = get_settings().worker_heartbeat_file
+        try:
+            age = time.time() - os.path.getmtime(path)
+        except OSError:
+            typer.echo(f"no worker heartbeat at {path}", err=True)
+            raise typer.Exit(1) from None
+        if age > max_age:
+            typer.echo(f"worker heartbeat is {age:.0f} s old", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"worker heartbeat {age:.1f} s ago")
+        return
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=3) as resp:
+            ok = resp.status == 200
+    except OSError as exc:
+        typer.echo(f"API not healthy: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not ok:
+        raise typer.Exit(1)
+    typer.echo("API healthy")
+
+
 def _print_status(s: dict[str, Any]) -> None:
     age = s["oldest_pending_age_s"]
     rows = [

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = 64
     pg_timeout_seconds: float = 5.0
 
+    # The worker touches this file on every heartbeat (`wbcache healthcheck worker`).
+    worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"
+
     log_level: str = "INFO"
 
 

@@ -87,4 +87,3 @@ class PgPool:
                 await asyncio.wait_for(pool.close(), timeout=5)
             except (TimeoutError, OSError, asyncpg.PostgresError):
                 pool.terminate()
-

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from arq import cron
@@ -37,6 +38,7 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
             await flusher.redis.zadd(keys.workers, {ctx["worker_id"]: now})
             await flusher.redis.zremrangebyscore(keys.workers, "-inf", now - 3_600_000)
             await flusher.renew_leases()
+            Path(flusher.settings.worker_heartbeat_file).touch()
         except Exception as exc:
             log.debug("heartbeat failed: %s", exc)
         await asyncio.sleep(period)
