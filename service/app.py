@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI
 
 from service.api import deadletters, errors, ops, records
+from service.api.middleware import RequestContext
 from service.config import Settings, get_settings
 from service.connections import PgPool, create_redis
 from service.deadletters import DeadLetters
@@ -35,7 +36,9 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
             log.debug("periodic task failed: %s", exc)
 
 
-def build_state(settings: Settings, process: str = "api") -> AppState:
+def build_state(
+    settings: Settings, process: str = "api", metrics: Metrics | None = None
+) -> AppState:
     redis = create_redis(process, settings)
     pg = PgPool(process, settings)
     scripts = Scripts.register(redis)
@@ -48,7 +51,7 @@ def build_state(settings: Settings, process: str = "api") -> AppState:
         store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record),
         flusher=Flusher(redis, pg, settings, scripts),
         counters=counters,
-        metrics=Metrics(),
+        metrics=metrics or Metrics(),
         dead_letters=DeadLetters(redis, Keys(settings.redis_prefix), scripts),
     )
 
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(settings)
+        state = build_state(settings, metrics=app.state.metrics)
         app.state.wb = state
         try:
             state.redis_config_warnings = await check_redis_durability(state.redis)
@@ -95,6 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(RequestContext, metrics=metrics)
     app.include_router(ops.router)
     app.include_router(deadletters.router)
     app.include_router(records.router)

@@ -33,7 +33,7 @@ def migrate(database_url: DbOpt = None) -> None:
     from service.migrate import migrate as run
 
     settings = _settings(database_url=database_url)
-    setup(settings.log_level)
+    setup(settings.log_level, settings.log_json)
     run(settings.database_url)
     typer.echo("migrations applied")
 
@@ -52,7 +52,7 @@ def serve(
     from service.logs import setup
 
     settings = _settings(redis_url, database_url)
-    setup(settings.log_level)
+    setup(settings.log_level, settings.log_json)
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -77,7 +77,7 @@ def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
     from worker.settings import worker_settings
 
     settings = _settings(redis_url, database_url)
-    setup(settings.log_level)
+    setup(settings.log_level, settings.log_json)
     Worker(**worker_settings(settings)).run()
 
 

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"
 
     log_level: str = "INFO"
+    log_json: bool = False
 
 
 @lru_cache

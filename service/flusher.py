@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 from arq.connections import ArqRedis
 
-from service import repository
+from service import metrics, repository
 from service.config import Settings
 from service.connections import PgPool
 from service.errors import is_poison, sqlstate
@@ -228,6 +228,14 @@ class Flusher:
             # Shutting down: hand the batch back so another worker takes it at once.
             await asyncio.shield(self.release(batch, [], []))
             raise
+        duration = time.monotonic() - started
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            metrics.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
+            metrics.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
+            await pipe.execute()
+        except Exception as exc:  # metrics must never fail a flush
+            log.debug("could not record flush metrics: %s", exc)
         if attempt:
             log.info("flush recovered after %d retries", attempt)
         log.info(
@@ -236,7 +244,7 @@ class Flusher:
             len(batch.items),
             len(committed),
             len(dead),
-            (time.monotonic() - started) * 1000,
+            duration * 1000,
         )
         return True
 

@@ -6,9 +6,42 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from redis.asyncio.client import Pipeline
+
+# Flush histograms are kept in Redis (the counters hash) so that every API process
+# exports the same, global distribution; the workers add to them once per batch.
+BATCH_SIZE_BUCKETS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HISTOGRAMS = {
+    "flush_batch_size": BATCH_SIZE_BUCKETS,
+    "flush_duration_seconds": DURATION_BUCKETS,
+}
+
+
+def observe(pipe: Pipeline, counters_key: str, name: str, value: float) -> None:
+    """Add one observation to a Redis-kept histogram (cumulative buckets)."""
+    for le in HISTOGRAMS[name]:
+        if value <= le:
+            pipe.hincrby(counters_key, f"{name}:le:{le}", 1)
+    pipe.hincrby(counters_key, f"{name}:count", 1)
+    pipe.hincrbyfloat(counters_key, f"{name}:sum", value)
+
+
+def _histogram(name: str, doc: str, raw: dict[str, float]) -> HistogramMetricFamily:
+    buckets = [(str(le), raw.get(f"{name}:le:{le}", 0.0)) for le in HISTOGRAMS[name]]
+    count = raw.get(f"{name}:count", 0.0)
+    buckets.append(("+Inf", count))
+    return HistogramMetricFamily(
+        f"wbcache_{name}", doc, buckets=buckets, sum_value=raw.get(f"{name}:sum", 0.0)
+    )
 
 
 class _Snapshot(Collector):
@@ -52,6 +85,9 @@ class _Snapshot(Collector):
         ]
         for name, doc, field in counters:
             yield CounterMetricFamily(name, doc, value=s[field])
+        raw = s.get("raw_counters", {})
+        yield _histogram("flush_batch_size", "Keys per committed flush batch", raw)
+        yield _histogram("flush_duration_seconds", "Time to persist one batch", raw)
 
 
 class Metrics:
@@ -59,6 +95,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
+        # Per process: each API process times its own requests.
+        self.http_latency = Histogram(
+            "wbcache_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
 
     def render(self, stats: dict[str, Any]) -> bytes:
         self._snapshot.stats = stats

@@ -14,7 +14,12 @@ from service.keys import Keys
 WORKER_ALIVE_MS = 15_000
 
 
-async def collect(redis: Redis, keys: Keys) -> dict[str, Any]:
+def _number(raw: bytes) -> float:
+    text = raw.decode()
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[str, Any]:
     now = int(time.time() * 1000)
     pipe = redis.pipeline(transaction=False)
     pipe.zcard(keys.dirty)
@@ -43,10 +48,10 @@ async def collect(redis: Redis, keys: Keys) -> dict[str, Any]:
     ) = await pipe.execute()
 
     oldest = [int(s) for _, s in (oldest_dirty + oldest_batch)]
-    counters = {k.decode(): int(v) for k, v in counters_raw.items()}
+    counters = {k.decode(): _number(v) for k, v in counters_raw.items()}
     hits, misses = counters.get("hits", 0), counters.get("misses", 0)
     flushed_last_minute = sum(int(m.split(b":")[1]) for m in recent)
-    return {
+    out = {
         "pending": dirty + inflight,
         "oldest_pending_age_s": round((now - min(oldest)) / 1000, 3) if oldest else None,
         "queued_jobs": queued,
@@ -64,3 +69,6 @@ async def collect(redis: Redis, keys: Keys) -> dict[str, Any]:
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
     }
+    if raw_counters:
+        out["raw_counters"] = counters
+    return out

@@ -19,10 +19,10 @@ from service.state import AppState
 router = APIRouter(tags=["operations"])
 
 
-async def current_stats(state: AppState) -> dict[str, Any]:
+async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:
     try:
         await state.flush_counters()
-        return await stats.collect(state.redis, state.keys)
+        return await stats.collect(state.redis, state.keys, raw_counters)
     except REDIS_DOWN as exc:
         raise Unavailable("redis", str(exc)) from exc
 
@@ -59,7 +59,7 @@ async def get_stats(state: StateDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus text exposition")
 async def metrics(state: StateDep) -> Response:
-    s = await current_stats(state)
+    s = await current_stats(state, raw_counters=True)
     return Response(state.metrics.render(s), media_type=CONTENT_TYPE_LATEST)
 
 
