@@ -150,34 +150,179 @@ def _print_status(s: dict[str, Any]) -> None:
         typer.secho("WARNING: writes are pending and no worker is alive", fg="red", err=True)
 
 
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-    redis_url: RedisOpt = None,
-) -> None:
-    """Queue depth, lag, dead letters and live workers."""
-    from service import stats
+async def _with_redis(settings: Settings, fn: Any) -> Any:
     from service.connections import create_redis
     from service.keys import Keys
 
-    settings = _settings(redis_url)
+    redis = create_redis("cli", settings)
+    try:
+        return await fn(redis, Keys(settings.redis_prefix))
+    finally:
+        await redis.aclose(close_connection_pool=True)
 
-    async def run() -> dict[str, Any]:
-        redis = create_redis("cli", settings)
-        try:
-            return await stats.collect(redis, Keys(settings.redis_prefix))
-        finally:
-            await redis.aclose(close_connection_pool=True)
+
+def _collect(settings: Settings) -> dict[str, Any]:
+    from service import stats
 
     try:
-        s = asyncio.run(run())
+        result: dict[str, Any] = asyncio.run(_with_redis(settings, stats.collect))
+        return result
     except Exception as exc:
         typer.secho(f"cannot read the queue from Redis: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    watch: Annotated[
+        float | None, typer.Option("--watch", help="Refresh every N seconds until Ctrl-C")
+    ] = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Queue depth, lag, dead letters and live workers. Exit 1 when writes are pending
+    and no worker is alive."""
+    import time
+
+    settings = _settings(redis_url)
+    while True:
+        s = _collect(settings)
+        if as_json:
+            typer.echo(json.dumps(s))
+        else:
+            if watch:
+                typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen
+            _print_status(s)
+        if not watch:
+            break
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            break
+    if s["pending"] and not s["workers"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def drain(
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 300.0,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Wait until every accepted write is persisted (pending = 0). Exit 0 when drained,
+    1 on timeout, 3 when drained but dead letters remain."""
+    import time
+
+    settings = _settings(redis_url)
+    deadline = time.monotonic() + timeout
+    start = _collect(settings)["pending"]
+    with typer.progressbar(length=max(start, 1), label="draining", show_pos=True) as bar:
+        done = 0
+        while True:
+            s = _collect(settings)
+            progressed = max(0, start - s["pending"]) if start else 1
+            if progressed > done:
+                bar.update(progressed - done)
+                done = progressed
+            if s["pending"] == 0:
+                break
+            if time.monotonic() > deadline:
+                typer.secho(
+                    f"\ntimed out after {timeout:.0f} s: {s['pending']} pending, "
+                    f"{s['workers']} live workers",
+                    fg="red",
+                    err=True,
+                )
+                raise typer.Exit(1)
+            time.sleep(0.2)
+    if s["dead_letters"]:
+        typer.secho(
+            f"drained, but {s['dead_letters']} dead letters remain (wbcache dlq list)",
+            fg="yellow",
+            err=True,
+        )
+        raise typer.Exit(3)
+    typer.echo("drained: every accepted write is persisted")
+
+
+dlq = typer.Typer(help="Dead letters: writes Postgres refused for good.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+
+ItemsArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="collection/key items (none = all); the key may contain '/'"),
+]
+
+
+def _items(items: list[str] | None) -> list[tuple[str, str]] | None:
+    if not items:
+        return None
+    out = []
+    for item in items:
+        collection, sep, key = item.partition("/")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not collection/key")
+        out.append((collection, key))
+    return out
+
+
+def _dead_letters(settings: Settings, action: str, items: list[str] | None) -> Any:
+    from service.deadletters import DeadLetters
+    from service.scripts import Scripts
+
+    async def run(redis: Any, keys: Any) -> Any:
+        dl = DeadLetters(redis, keys, Scripts.register(redis))
+        if action == "list":
+            out: list[dict[str, Any]] = []
+            cursor = 0
+            while True:
+                page, cursor = await dl.page(cursor, 500)
+                out.extend(page)
+                if not cursor:
+                    return out
+        if action == "retry":
+            return await dl.retry(_items(items))
+        return await dl.drop(_items(items))
+
+    return asyncio.run(_with_redis(settings, run))
+
+
+@dlq.command("list")
+def dlq_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    redis_url: RedisOpt = None,
+) -> None:
+    """List dead letters with their error."""
+    items = _dead_letters(_settings(redis_url), "list", None)
     if as_json:
-        typer.echo(json.dumps(s))
-    else:
-        _print_status(s)
+        typer.echo(json.dumps(items))
+        return
+    if not items:
+        typer.echo("no dead letters")
+    for d in items:
+        typer.echo(
+            f"{d['collection']}/{d['key']}  version={d['version']}  "
+            f"sqlstate={d['sqlstate']}  {d['error']}"
+        )
+
+
+@dlq.command("retry")
+def dlq_retry(items: ItemsArg = None, redis_url: RedisOpt = None) -> None:
+    """Put dead letters back in the queue (after fixing the cause)."""
+    done = _dead_letters(_settings(redis_url), "retry", items)
+    typer.echo(f"retried {len(done)}")
+
+
+@dlq.command("drop")
+def dlq_drop(
+    items: ItemsArg = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation")] = False,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Discard dead-lettered writes; reads then show what Postgres holds."""
+    if not yes:
+        typer.confirm("Discard these writes for good?", abort=True)
+    done = _dead_letters(_settings(redis_url), "drop", items)
+    typer.echo(f"dropped {len(done)}")
 
 
 if __name__ == "__main__":

@@ -174,9 +174,9 @@ class _Child:
 
     def start(self, env: dict[str, str]) -> None:
         with open(self.log_path, "ab") as log:
-            self.offset = log.tell()
             log.write(f"--- wbcache up: starting {' '.join(self.argv)}\n".encode())
             log.flush()
+            self.offset = log.tell()  # forward what the child writes, not this header
             self.popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,

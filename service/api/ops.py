@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -61,6 +62,25 @@ async def get_stats(state: StateDep) -> Response:
 async def metrics(state: StateDep) -> Response:
     s = await current_stats(state, raw_counters=True)
     return Response(state.metrics.render(s), media_type=CONTENT_TYPE_LATEST)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@router.get("/v1/config", summary="The effective configuration (secrets redacted)")
+async def get_config(state: StateDep) -> Response:
+    cfg = state.settings.model_dump()
+    cfg["redis_url"] = _redact(cfg["redis_url"])
+    cfg["database_url"] = _redact(cfg["database_url"])
+    for secret in ("api_keys",):
+        if cfg.get(secret):
+            cfg[secret] = "***"
+    return json_response(cfg)
 
 
 class InvalidateRequest(BaseModel):
