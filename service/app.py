@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from service.api import deadletters, errors, ops, records
 from service.api.middleware import RequestContext
+from service.auth import ApiKeys
 from service.config import Settings, get_settings
 from service.connections import PgPool, create_redis
 from service.deadletters import DeadLetters
@@ -100,7 +101,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     metrics = Metrics()
     app.state.metrics = metrics
-    app.add_middleware(RequestContext, metrics=metrics)
+    app.add_middleware(
+        RequestContext,
+        metrics=metrics,
+        api_keys=ApiKeys.parse(settings.api_keys),
+        metrics_public=settings.metrics_public,
+    )
     app.include_router(ops.router)
     app.include_router(deadletters.router)
     app.include_router(records.router)

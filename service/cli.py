@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Annotated, Any
 
@@ -53,6 +54,12 @@ def serve(
 
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
+    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("wbcache.serve").warning(
+            "API_KEYS is not set and the API binds %s: anyone who can reach it can read "
+            "and write every record. Set API_KEYS=key:scope,...",
+            host,
+        )
     uvicorn.run(
         "service.app:create_app",
         factory=True,

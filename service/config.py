@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # The worker touches this file on every heartbeat (`wbcache healthcheck worker`).
     worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"
 
+    # "key:scope,key:scope" (scope read, write or admin); empty = open.
+    api_keys: str = ""
+    # /metrics without a key even when API_KEYS is set (Prometheus scrapes it).
+    metrics_public: bool = True
+
     log_level: str = "INFO"
     log_json: bool = False
 
