@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.resources import files
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from service.api import deadletters, errors, ops, records
 from service.api.middleware import RequestContext
@@ -57,6 +61,32 @@ def build_state(
     )
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs and /redoc with their assets served by the app, not a CDN."""
+    static = files("fastapi_offline") / "static"
+    app.mount("/docs/static", StaticFiles(directory=str(static)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="wbcache API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="wbcache API",
+            redoc_js_url="/docs/static/redoc.standalone.js",
+            redoc_favicon_url="/docs/static/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -92,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.redis.aclose(close_connection_pool=True)
 
     app = FastAPI(
+        docs_url=None,
+        redoc_url=None,
         title="wbcache",
         version="0.1.0",
         summary="A write-behind cache: writes land in Redis at once, workers persist them "
@@ -99,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    _offline_docs(app)
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from service.api.deps import StateDep
-from service.api.errors import json_response
+from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE
 from service.errors import REDIS_DOWN, Unavailable
 
-router = APIRouter(prefix="/v1", tags=["dead letters"])
+router = APIRouter(prefix="/v1", tags=["dead letters"], responses=ERROR_RESPONSES)
 
 
 class ItemRef(BaseModel):

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.documents import DocumentError
@@ -30,6 +32,24 @@ _STATUS_CODES = {
     428: "precondition_required",
     500: "internal_error",
     503: "unavailable",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["precondition_failed"])
+    message: str = Field(examples=['The record\'s current ETag is "1795695250531747"; ...'])
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx the application produces."""
+
+    error: ErrorDetail
+
+
+# For the OpenAPI schema of every router.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Client error (JSON error body)"},
+    "5XX": {"model": ErrorBody, "description": "Unavailable dependency or backpressure"},
 }
 
 

@@ -12,12 +12,12 @@ from pydantic import BaseModel, Field, field_validator
 
 from service import stats
 from service.api.deps import StateDep
-from service.api.errors import json_response
+from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
 from service.errors import REDIS_DOWN, Unavailable
 from service.state import AppState
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
 
 
 async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:

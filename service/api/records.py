@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 
 from service import documents
 from service.api.deps import StateDep
-from service.api.errors import ApiError, error_response, json_response
+from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
     etag,
     is_json,
@@ -21,7 +21,7 @@ from service.keys import member
 from service.records import Op, Preconditions, Status, WriteResult
 from service.state import AppState
 
-router = APIRouter(prefix="/v1", tags=["records"])
+router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
 
 PATH = "/{collection}/{key:path}"
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -29,6 +29,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     412: {"description": "A precondition failed"},
     503: {"description": "Redis unavailable, or backpressure"},
 }
+
+
+def _body(media: str, example: Any) -> dict[str, Any]:
+    """The request body in the OpenAPI schema (the handlers read raw bytes)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {media: {"schema": {}, "example": example}},
+        }
+    }
+
+
+_PUT_BODY = _body("application/json", {"name": "Alice", "roles": ["admin"]})
+_PATCH_BODY = _body("application/merge-patch+json", {"roles": None, "email": "a@example.com"})
 
 
 def _preconditions(request: Request) -> Preconditions:
@@ -101,7 +115,13 @@ async def _through(state: AppState, collection: str, key: str, version: int) -> 
         )
 
 
-@router.put(PATH, status_code=200, responses=_ERRORS, summary="Create or replace a record")
+@router.put(
+    PATH,
+    status_code=200,
+    responses=_ERRORS,
+    summary="Create or replace a record",
+    openapi_extra=_PUT_BODY,
+)
 async def put_record(request: Request, state: StateDep) -> Response:
     collection, key = record_name(request)
     if not is_json(request.headers.get("content-type")):
@@ -124,7 +144,9 @@ async def put_record(request: Request, state: StateDep) -> Response:
     )
 
 
-@router.patch(PATH, responses=_ERRORS, summary="Merge-patch a record (RFC 7396)")
+@router.patch(
+    PATH, responses=_ERRORS, summary="Merge-patch a record (RFC 7396)", openapi_extra=_PATCH_BODY
+)
 async def patch_record(request: Request, state: StateDep) -> Response:
     collection, key = record_name(request)
     if not is_json(request.headers.get("content-type"), patch=True):
@@ -154,8 +176,11 @@ async def patch_record(request: Request, state: StateDep) -> Response:
     )
 
 
-@router.api_route(
-    PATH, methods=["GET", "HEAD"], responses=_ERRORS, summary="Read a record (cache-aside)"
+@router.get(
+    PATH, responses=_ERRORS, summary="Read a record (cache-aside)", operation_id="get_record"
+)
+@router.head(
+    PATH, responses=_ERRORS, summary="A record's headers, no body", operation_id="head_record"
 )
 async def get_record(request: Request, state: StateDep) -> Response:
     collection, key = record_name(request)
