@@ -17,6 +17,29 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
 
 
+def validate_collection(collection: str) -> None:
+    if not COLLECTION_RE.match(collection):
+        raise ApiError(
+            422,
+            "invalid_collection",
+            "A collection name is 1-64 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit.",
+        )
+
+
+def validate_key(key: str) -> None:
+    if not 1 <= len(key.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
+        raise ApiError(
+            422, "invalid_key", f"A key is 1-{MAX_KEY_BYTES} bytes after percent-decoding."
+        )
+    if _CONTROL.search(key):
+        raise ApiError(422, "invalid_key", "A key cannot contain control characters.")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid_key", "A key must be valid UTF-8.") from None
+
+
 def record_name(request: Request) -> tuple[str, str]:
     """Collection and key from the raw path: uvicorn decodes ``%2F`` into ``/`` (and
     ``%FF``/``%FE`` into the same replacement character), so the routed value is unusable."""
@@ -35,26 +58,15 @@ def record_name(request: Request) -> tuple[str, str]:
         collection = unquote_to_bytes(parts[2]).decode("utf-8")
     except UnicodeDecodeError:
         collection = ""
-    if not COLLECTION_RE.match(collection):
-        raise ApiError(
-            422,
-            "invalid_collection",
-            "A collection name is 1-64 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit.",
-        )
+    validate_collection(collection)
     key_bytes = unquote_to_bytes(parts[3])
-    if not 1 <= len(key_bytes) <= MAX_KEY_BYTES:
-        raise ApiError(
-            422, "invalid_key", f"A key is 1-{MAX_KEY_BYTES} bytes after percent-decoding."
-        )
     try:
         key = key_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(
             422, "invalid_key", "A key must be valid UTF-8 after percent-decoding."
         ) from None
-    if _CONTROL.search(key):
-        raise ApiError(422, "invalid_key", "A key cannot contain control characters.")
+    validate_key(key)
     return collection, key
 
 

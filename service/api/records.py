@@ -69,12 +69,12 @@ def _write_mode(state: AppState, request: Request, collection: str) -> str:
     return mode
 
 
-def _overflow_through(state: AppState, result: WriteResult) -> bool:
+def overflow_through(state: AppState, result: WriteResult) -> bool:
     """Past MAX_PENDING, writes may be configured to go through instead of failing."""
     return result.status is Status.FULL and state.settings.backpressure_mode == "through"
 
 
-def _check(result: WriteResult) -> None:
+def check_write(result: WriteResult) -> None:
     if result.status is Status.NOT_FOUND:
         raise ApiError(404, "not_found", "No such record.")
     if result.status is Status.PRECONDITION_FAILED:
@@ -94,7 +94,7 @@ def _check(result: WriteResult) -> None:
         )
 
 
-async def _through(state: AppState, collection: str, key: str, version: int) -> None:
+async def persist_through(state: AppState, collection: str, key: str, version: int) -> None:
     outcome = await state.flusher.write_through(
         member(collection, key), version, state.settings.write_through_timeout
     )
@@ -131,12 +131,12 @@ async def put_record(request: Request, state: StateDep) -> Response:
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     doc = documents.canonical(documents.parse(body), state.settings.max_document_bytes)
     result = await state.store.write(Op.PUT, collection, key, doc, pre)
-    if _overflow_through(state, result):
+    if overflow_through(state, result):
         result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
         mode = "through"
-    _check(result)
+    check_write(result)
     if mode == "through":
-        await _through(state, collection, key, result.version)
+        await persist_through(state, collection, key, result.version)
     return json_response(
         {"collection": collection, "key": key, "version": result.version},
         201 if result.created else 200,
@@ -161,13 +161,13 @@ async def patch_record(request: Request, state: StateDep) -> Response:
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     patch = documents.parse(body)
     result, merged = await state.store.patch(collection, key, patch, pre)
-    if _overflow_through(state, result):
+    if overflow_through(state, result):
         result, merged = await state.store.patch(collection, key, patch, pre, force=True)
         mode = "through"
-    _check(result)
+    check_write(result)
     assert merged is not None
     if mode == "through":
-        await _through(state, collection, key, result.version)
+        await persist_through(state, collection, key, result.version)
     return Response(
         merged,
         200,
@@ -207,10 +207,10 @@ async def delete_record(request: Request, state: StateDep) -> Response:
     pre = _preconditions(request)
     mode = _write_mode(state, request, collection)
     result = await state.store.write(Op.DELETE, collection, key, b"", pre)
-    if _overflow_through(state, result):
+    if overflow_through(state, result):
         result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
         mode = "through"
-    _check(result)
+    check_write(result)
     if mode == "through":
-        await _through(state, collection, key, result.version)
+        await persist_through(state, collection, key, result.version)
     return Response(status_code=204, headers={"ETag": etag(result.version)})

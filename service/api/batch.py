@@ -1,0 +1,158 @@
+"""POST /v1/batch: up to 1,000 operations (put, patch, delete, get) in one request, each
+with its own status, version and error, preconditions per operation, the same guarantees
+as the single-key calls. Operations on one key run in the order given; different keys run
+concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from service import documents
+from service.api.deps import StateDep
+from service.api.errors import ERROR_RESPONSES, ApiError, json_response
+from service.api.http import is_json, parse_match, read_body, validate_collection, validate_key
+from service.api.records import check_write, overflow_through, persist_through
+from service.documents import DocumentError
+from service.errors import Unavailable
+from service.records import Op, Preconditions
+from service.state import AppState
+
+router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
+
+MAX_OPERATIONS = 1000
+_OPS = {"put", "patch", "delete", "get"}
+_DOC_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
+_EXAMPLE = {
+    "operations": [
+        {"op": "put", "collection": "users", "key": "alice", "document": {"name": "Alice"}},
+        {"op": "patch", "collection": "users", "key": "bob", "patch": {"age": 31}},
+        {"op": "delete", "collection": "users", "key": "carol", "if_match": '"17956952"'},
+        {"op": "get", "collection": "users", "key": "dave"},
+    ]
+}
+
+
+def _error(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"status": status, "error": {"code": code, "message": message}}
+
+
+def _validate(i: int, op: Any) -> dict[str, Any]:
+    if not isinstance(op, dict):
+        raise ApiError(422, "invalid_batch", f"operations[{i}] must be an object.")
+    kind = op.get("op")
+    if kind not in _OPS:
+        raise ApiError(422, "invalid_batch", f"operations[{i}].op must be one of {sorted(_OPS)}.")
+    for name in ("collection", "key"):
+        if not isinstance(op.get(name), str):
+            raise ApiError(422, "invalid_batch", f"operations[{i}].{name} must be a string.")
+    if kind == "put" and "document" not in op:
+        raise ApiError(422, "invalid_batch", f"operations[{i}] (put) needs a document.")
+    if kind == "patch" and "patch" not in op:
+        raise ApiError(422, "invalid_batch", f"operations[{i}] (patch) needs a patch.")
+    for name in ("if_match", "if_none_match"):
+        if name in op and not isinstance(op[name], str):
+            raise ApiError(422, "invalid_batch", f"operations[{i}].{name} must be a string.")
+    return op
+
+
+async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, Any]:
+    kind, collection, key = op["op"], op["collection"], op["key"]
+    try:
+        validate_collection(collection)
+        validate_key(key)
+        pre = Preconditions(
+            if_match=parse_match(op.get("if_match"), "If-Match"),
+            if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
+        )
+        max_bytes = state.settings.max_document_bytes
+        if kind == "get":
+            record = await state.store.read(collection, key)
+            if record.document is None:
+                return _error(404, "not_found", "No such record.")
+            return {
+                "status": 200,
+                "version": record.version,
+                "document": orjson.Fragment(record.document),
+            }
+        merged: bytes | None = None
+        if kind == "put":
+            doc = documents.canonical(op["document"], max_bytes)
+            result = await state.store.write(Op.PUT, collection, key, doc, pre)
+            if overflow_through(state, result):
+                result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+                through = True
+        elif kind == "patch":
+            result, merged = await state.store.patch(collection, key, op["patch"], pre)
+            if overflow_through(state, result):
+                result, merged = await state.store.patch(
+                    collection, key, op["patch"], pre, force=True
+                )
+                through = True
+        else:
+            result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+            if overflow_through(state, result):
+                result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+                through = True
+        check_write(result)
+        if through:
+            await persist_through(state, collection, key, result.version)
+        out: dict[str, Any] = {"status": 201 if result.created else 200, "version": result.version}
+        if kind == "delete":
+            out["status"] = 204
+        if merged is not None:
+            out["document"] = orjson.Fragment(merged)
+        return out
+    except ApiError as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except DocumentError as exc:
+        return _error(_DOC_STATUS.get(exc.code, 422), exc.code, exc.message)
+    except Unavailable as exc:
+        return _error(503, f"{exc.dependency}_unavailable", str(exc))
+
+
+@router.post(
+    "/batch",
+    summary="Up to 1,000 operations in one request, each with its own result",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {}, "example": _EXAMPLE}},
+        }
+    },
+)
+async def batch(request: Request, state: StateDep) -> Response:
+    if not is_json(request.headers.get("content-type")):
+        raise ApiError(415, "unsupported_media_type", "Send the batch as application/json.")
+    mode = request.headers.get("write-mode", "behind").strip().lower()
+    if mode not in ("behind", "through"):
+        raise ApiError(400, "bad_write_mode", "Write-Mode must be 'behind' or 'through'.")
+    limit = (state.settings.max_document_bytes + 1024) * 8 + 1024 * 1024
+    body = documents.parse(await read_body(request, limit))
+    ops = body.get("operations") if isinstance(body, dict) else None
+    if not isinstance(ops, list) or not ops:
+        raise ApiError(422, "invalid_batch", 'The body is {"operations": [ ... ]}.')
+    if len(ops) > MAX_OPERATIONS:
+        raise ApiError(
+            413, "too_large", f"A batch holds at most {MAX_OPERATIONS} operations ({len(ops)})."
+        )
+    checked = [_validate(i, op) for i, op in enumerate(ops)]
+
+    # Same key: in order. Different keys: concurrently (each op is one atomic write).
+    by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, op in enumerate(checked):
+        by_key[(op["collection"], op["key"])].append(i)
+    results: list[dict[str, Any]] = [{} for _ in checked]
+    gate = asyncio.Semaphore(64)
+
+    async def run_key(indexes: list[int]) -> None:
+        async with gate:
+            for i in indexes:
+                results[i] = await _run(state, checked[i], mode == "through")
+
+    await asyncio.gather(*(run_key(ix) for ix in by_key.values()))
+    return json_response({"results": results})

@@ -1,0 +1,71 @@
+"""POST /v1/batch: per-operation results, order per key, same guarantees as single calls."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+from arq.worker import Worker
+
+from tests.conftest import wait_drained
+
+
+async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient) -> None:
+    await api.put("/v1/users/bob", json={"age": 30})
+    etag = (await api.get("/v1/users/bob")).headers["etag"]
+    ops = [
+        {"op": "put", "collection": "users", "key": "alice", "document": {"n": 1}},
+        {"op": "patch", "collection": "users", "key": "bob", "patch": {"x": 1}, "if_match": etag},
+        {"op": "patch", "collection": "users", "key": "bob", "patch": {"y": 2}, "if_match": etag},
+        {"op": "get", "collection": "users", "key": "alice"},
+        {"op": "delete", "collection": "users", "key": "ghost"},
+        {"op": "put", "collection": "BAD", "key": "k", "document": 1},
+        {"op": "put", "collection": "users", "key": "nul", "document": {"a": "\x00"}},
+        {"op": "get", "collection": "users", "key": "a/b"},
+    ]
+    r = await api.post("/v1/batch", json={"operations": ops})
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert res[0]["status"] == 201 and res[0]["version"] > 0
+    # Same key: in order, so the second patch sees the first's new version -> 412.
+    assert res[1]["status"] == 200 and res[1]["document"] == {"age": 30, "x": 1}
+    assert res[2]["status"] == 412 and res[2]["error"]["code"] == "precondition_failed"
+    assert res[3] == {"status": 200, "version": res[0]["version"], "document": {"n": 1}}
+    assert res[4]["status"] == 404
+    assert res[5]["status"] == 422 and res[5]["error"]["code"] == "invalid_collection"
+    assert res[6]["status"] == 422
+    assert res[7]["status"] == 404
+    # Nothing was written for the failed operations.
+    assert (await api.get("/v1/users/nul")).status_code == 404
+    assert (await api.get("/v1/users/bob")).json() == {"age": 30, "x": 1}
+
+
+async def test_batch_writes_are_persisted(
+    api: httpx.AsyncClient, worker: Worker, pg: asyncpg.Connection
+) -> None:
+    ops = [
+        {"op": "put", "collection": "b", "key": f"k{i}", "document": {"i": i}} for i in range(300)
+    ]
+    ops += [{"op": "delete", "collection": "b", "key": f"k{i}"} for i in range(0, 300, 3)]
+    r = await api.post("/v1/batch", json={"operations": ops})
+    versions = {}
+    for op, res in zip(ops, r.json()["results"], strict=True):
+        assert res["status"] in (201, 204), res
+        versions[op["key"]] = (op["op"], res["version"])
+    await wait_drained(api)
+    rows = {r["key"]: r["version"] for r in await pg.fetch("SELECT key, version FROM records")}
+    for key, (op, version) in versions.items():
+        if op == "delete":
+            assert key not in rows
+        else:
+            assert rows[key] == version
+
+
+async def test_batch_limits_and_bad_bodies(api: httpx.AsyncClient) -> None:
+    too_many = [{"op": "get", "collection": "c", "key": f"{i}"} for i in range(1001)]
+    assert (await api.post("/v1/batch", json={"operations": too_many})).status_code == 413
+    for body in ({}, {"operations": []}, {"operations": [{"op": "nope"}]}, [1]):
+        r = await api.post("/v1/batch", json=body)
+        assert r.status_code == 422, body
+        assert r.json()["error"]["code"] == "invalid_batch"
+    r = await api.post("/v1/batch", content=b"{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
