@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import httpx
 from arq.worker import Worker
@@ -42,12 +44,12 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
 async def test_batch_writes_are_persisted(
     api: httpx.AsyncClient, worker: Worker, pg: asyncpg.Connection
 ) -> None:
-    ops = [
+    ops: list[dict[str, Any]] = [
         {"op": "put", "collection": "b", "key": f"k{i}", "document": {"i": i}} for i in range(300)
     ]
     ops += [{"op": "delete", "collection": "b", "key": f"k{i}"} for i in range(0, 300, 3)]
     r = await api.post("/v1/batch", json={"operations": ops})
-    versions = {}
+    versions: dict[str, tuple[str, int]] = {}
     for op, res in zip(ops, r.json()["results"], strict=True):
         assert res["status"] in (201, 204), res
         versions[op["key"]] = (op["op"], res["version"])
@@ -63,7 +65,8 @@ async def test_batch_writes_are_persisted(
 async def test_batch_limits_and_bad_bodies(api: httpx.AsyncClient) -> None:
     too_many = [{"op": "get", "collection": "c", "key": f"{i}"} for i in range(1001)]
     assert (await api.post("/v1/batch", json={"operations": too_many})).status_code == 413
-    for body in ({}, {"operations": []}, {"operations": [{"op": "nope"}]}, [1]):
+    bodies: list[Any] = [{}, {"operations": []}, {"operations": [{"op": "nope"}]}, [1]]
+    for body in bodies:
         r = await api.post("/v1/batch", json=body)
         assert r.status_code == 422, body
         assert r.json()["error"]["code"] == "invalid_batch"
