@@ -55,8 +55,8 @@ async def test_batch_writes_are_persisted(
         versions[op["key"]] = (op["op"], res["version"])
     await wait_drained(api)
     rows = {r["key"]: r["version"] for r in await pg.fetch("SELECT key, version FROM records")}
-    for key, (op, version) in versions.items():
-        if op == "delete":
+    for key, (kind, version) in versions.items():
+        if kind == "delete":
             assert key not in rows
         else:
             assert rows[key] == version
