@@ -28,12 +28,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import importlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -155,6 +157,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
+
+
+def _preload() -> None:
+    for module in ("service.migrate", "service.stats", "service.connections"):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 @dataclass
@@ -409,6 +417,9 @@ class Up:
         )
 
     def _start(self) -> None:
+        # Alembic and SQLAlchemy take seconds to import on a busy laptop: do it while the
+        # servers start (the import lock makes the later imports wait for this one).
+        threading.Thread(target=_preload, name="wbcache-up-preload", daemon=True).start()
         redis_url = os.environ.get("REDIS_URL", "")
         if not redis_url:
             _say("REDIS_URL is not set: starting an embedded Redis")

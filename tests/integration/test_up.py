@@ -1,0 +1,410 @@
+"""``wbcache up`` as a user runs it: real processes, embedded servers, restarts, a SIGKILL of
+``up`` itself (orphans cleaned by the next run), and external servers from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from service.embedded import free_port
+from tests.conftest import wait_until
+from tests.support.servers import TestServers as Servers
+
+START_SECONDS = 60.0  # first start runs initdb (fsync on) on a loaded 2-core machine
+STOP_SECONDS = 60.0
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def gone(pid: int, ticks: int | None) -> bool:
+    """True if the process that had ``pid`` and start time ``ticks`` no longer runs (a zombie
+    PID 1 has not reaped yet counts as gone, and so does a pid reused by another process)."""
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return True
+    return ticks is not None and int(fields[19]) != ticks
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and fields[0] not in ("Z", "X"):
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def read_json(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+class UpProc:
+    """One ``python -m service.cli up`` process, run from ``cwd`` like a user would."""
+
+    def __init__(self, cwd: Path, data_dir: Path, port: int, env: dict[str, str]) -> None:
+        self.cwd, self.data_dir, self.port, self.env = cwd, data_dir, port, env
+        self.log = cwd / f"up-{uuid.uuid4().hex[:6]}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> UpProc:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "up",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def returncode(self) -> int | None:
+        assert self.popen is not None
+        return self.popen.poll()
+
+    async def wait_ready(self, client: httpx.AsyncClient) -> None:
+        """Until up printed its banner (it does once its API is ready), then /readyz 200.
+        (Polling /readyz alone could reach the API a killed run left on the same port.)"""
+
+        def banner() -> bool:
+            if self.returncode() is not None:
+                raise AssertionError(f"up exited with {self.returncode()}")
+            return "wbcache is up" in self.output()
+
+        try:
+            await wait_until(banner, START_SECONDS, interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- up output:\n{self.output()[-6000:]}") from None
+        r = await client.get(f"{self.url}/readyz")
+        assert r.status_code == 200, r.text
+
+    async def wait_exit(self, timeout: float = STOP_SECONDS) -> int:
+        try:
+            await wait_until(lambda: self.returncode() is not None, timeout, interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- up output:\n{self.output()[-4000:]}") from None
+        code = self.returncode()
+        assert code is not None
+        return code
+
+    def started(self) -> dict[str, tuple[int, int | None]]:
+        """Every process this ``up`` started (from its pid file and the servers' pid files),
+        Postgres' own children included: name -> (pid, start ticks)."""
+        found: dict[str, tuple[int, int | None]] = {}
+        state = read_json(self.data_dir / "up.json")
+        assert state["pid"] == self.pid
+        children = state["children"]
+        assert isinstance(children, dict) and set(children) == {"api", "worker"}
+        for name, record in children.items():
+            found[name] = (int(record["pid"]), record["start_ticks"])
+        for kind in ("redis", "postgres"):
+            pid_file = self.data_dir / kind / f"wbcache-{kind}.pid"
+            if pid_file.exists():
+                pid = int(read_json(pid_file)["pid"])  # type: ignore[call-overload]
+                found[kind] = (pid, start_ticks(pid))
+                for i, child in enumerate(descendants(pid)):
+                    found[f"{kind}-child-{i}"] = (child, start_ticks(child))
+        for name, (pid, ticks) in found.items():
+            assert not gone(pid, ticks), f"{name} pid {pid} is not running"
+        return found
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A working directory outside pytest's tmp_path: every pytest session that starts
+    chmods /tmp/pytest-of-<user> back to 0700, which would cut off the embedded Postgres
+    (it runs as the ``postgres`` OS user when we are root) if other sessions run at once."""
+    path = Path(tempfile.mkdtemp(prefix="wbcache-up-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def up_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("REDIS_URL", None)
+    env.pop("DATABASE_URL", None)
+    return env
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[tuple[UpProc, dict[str, tuple[int, int | None]]]]]:
+    """Whatever a failed test left running: the up processes and every pid they started."""
+    runs: list[tuple[UpProc, dict[str, tuple[int, int | None]]]] = []
+    yield runs
+    for up, pids in runs:
+        if up.popen is not None and up.popen.poll() is None:
+            up.popen.send_signal(signal.SIGINT)
+            try:
+                up.popen.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                up.popen.kill()
+                up.popen.wait(10)
+        for pid, ticks in pids.values():
+            if not gone(pid, ticks):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def put_and_persist(client: httpx.AsyncClient, base: str, key: str, doc: object) -> int:
+    r = await client.put(f"{base}/v1/uptest/{key}", json=doc)
+    assert r.status_code == 201, r.text
+    version = int(r.json()["version"])
+
+    async def persisted() -> bool:
+        stats = (await client.get(f"{base}/v1/stats")).json()
+        assert stats["dead_letters"] == 0, stats
+        return bool(stats["pending"] == 0)
+
+    await wait_until(persisted, 30, interval=0.1)
+    return version
+
+
+async def test_up_embedded_restart_and_orphans(
+    workdir: Path,
+    up_env: dict[str, str],
+    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+) -> None:
+    cwd = workdir
+    data_dir = cwd / ".wbcache"
+    port = free_port()
+    doc = {"name": "Ada", "tags": ["x", "y"], "n": 1.5}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        # 1. First start: embedded servers (initdb), migrations, API, worker.
+        up = UpProc(cwd, data_dir, port, up_env).start()
+        cleanup.append((up, {}))
+        await up.wait_ready(client)
+        pids = up.started()
+        cleanup[-1] = (up, pids)
+        assert {"api", "worker", "redis", "postgres"} <= set(pids)
+        banner = up.output()
+        for expected in (
+            up.url,
+            f"{up.url}/docs",
+            f"{up.url}/dashboard",
+            "redis://127.0.0.1:",
+            "postgresql://postgres@127.0.0.1:",
+            str(data_dir / "api.log"),
+            str(data_dir / "worker.log"),
+        ):
+            assert expected in banner, f"{expected!r} missing from the banner:\n{banner}"
+        # up runs in its own session; its children each in theirs (a terminal Ctrl-C
+        # reaches only up)
+        for name in ("api", "worker", "redis", "postgres"):
+            assert os.getsid(pids[name][0]) == pids[name][0]
+
+        version = await put_and_persist(client, up.url, "ada", doc)
+        got = await client.get(f"{up.url}/v1/uptest/ada")
+        assert got.status_code == 200 and got.json() == doc
+
+        # Ctrl-C: everything stops, exit 0, nothing left running.
+        up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert await up.wait_exit() == 0, up.output()
+        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        assert not left, f"left running after Ctrl-C: {left}\n{up.output()}"
+        assert not (data_dir / "up.json").exists()
+        assert "[api]" in up.output() and "[worker]" in up.output()
+
+        # 2. Restart on the same data directory: the record survived, in Postgres too.
+        up = UpProc(cwd, data_dir, port, up_env).start()
+        cleanup.append((up, {}))
+        await up.wait_ready(client)
+        pids = up.started()
+        cleanup[-1] = (up, pids)
+        got = await client.get(f"{up.url}/v1/uptest/ada")
+        assert got.status_code == 200, got.text
+        assert got.json() == doc
+        assert got.headers["etag"] == f'"{version}"'
+        pg_port = read_json(data_dir / "postgres" / "wbcache-postgres.pid")["port"]
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/wbcache")
+        try:
+            row = await conn.fetchrow(
+                "SELECT value, version FROM records WHERE collection = 'uptest' AND key = 'ada'"
+            )
+        finally:
+            await conn.close()
+        assert row is not None and json.loads(row["value"]) == doc
+        assert row["version"] == version
+        doc2 = {**doc, "n": 2}
+        version2 = await put_and_persist(client, up.url, "bob", doc2)
+
+        # 3. SIGKILL of up itself: its children live on as orphans...
+        up.popen.kill()  # type: ignore[union-attr]
+        assert await up.wait_exit() == -signal.SIGKILL
+        orphans = pids
+        alive = [n for n in ("api", "worker", "redis", "postgres") if not gone(*orphans[n])]
+        assert alive == ["api", "worker", "redis", "postgres"]
+
+        # ...and the next up finds them through the pid files and stops them first.
+        up = UpProc(cwd, data_dir, port, up_env).start()
+        cleanup.append((up, {}))
+        await up.wait_ready(client)
+        pids = up.started()
+        cleanup[-1] = (up, pids)
+        left = {n: p for n, (p, t) in orphans.items() if not gone(p, t)}
+        assert not left, f"orphans of the killed run still running: {left}\n{up.output()}"
+        assert "previous `wbcache up` left running" in up.output()
+        for key, want, v in (("ada", doc, version), ("bob", doc2, version2)):
+            got = await client.get(f"{up.url}/v1/uptest/{key}")
+            assert got.status_code == 200 and got.json() == want
+            assert got.headers["etag"] == f'"{v}"'
+
+        up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert await up.wait_exit() == 0, up.output()
+        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        assert not left, f"left running after Ctrl-C: {left}\n{up.output()}"
+
+
+async def test_up_uses_servers_from_the_environment(
+    tmp_path: Path,
+    servers: Servers,
+    prefix: str,
+    up_env: dict[str, str],
+    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+) -> None:
+    env = {
+        **up_env,
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": servers.database_url,
+        "REDIS_PREFIX": prefix,
+    }
+    data_dir = tmp_path / ".wbcache"
+    key = f"ext-{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        up = UpProc(tmp_path, data_dir, free_port(), env).start()
+        cleanup.append((up, {}))
+        await up.wait_ready(client)
+        pids = up.started()
+        cleanup[-1] = (up, pids)
+        # no embedded server: up's only children are the API and the worker
+        assert set(pids) == {"api", "worker"}
+        assert sorted(descendants(up.pid)) == sorted([pids["api"][0], pids["worker"][0]])
+        assert not (data_dir / "redis").exists() and not (data_dir / "postgres").exists()
+        assert "embedded" not in up.output()
+        assert servers.redis_url in up.output()
+
+        # a second up on the same data directory refuses to run next to the first
+        second = UpProc(tmp_path, data_dir, free_port(), env).start()
+        cleanup.append((second, {}))
+        assert await second.wait_exit(30) == 2
+        assert "another `wbcache up`" in second.output()
+        assert up.returncode() is None
+
+        version = await put_and_persist(client, up.url, key, {"external": True})
+        conn = await asyncpg.connect(servers.database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT version FROM records WHERE collection = 'uptest' AND key = $1", key
+            )
+            await conn.execute("DELETE FROM records WHERE collection = 'uptest' AND key = $1", key)
+        finally:
+            await conn.close()
+        assert row is not None and row["version"] == version
+
+        up.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert await up.wait_exit() == 0, up.output()
+        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        assert not left, f"left running after SIGTERM: {left}\n{up.output()}"
+
+
+async def test_up_stops_everything_when_a_child_dies(
+    tmp_path: Path,
+    servers: Servers,
+    prefix: str,
+    up_env: dict[str, str],
+    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+) -> None:
+    env = {
+        **up_env,
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": servers.database_url,
+        "REDIS_PREFIX": prefix,
+    }
+    async with httpx.AsyncClient(timeout=10) as client:
+        up = UpProc(tmp_path, tmp_path / ".wbcache", free_port(), env).start()
+        cleanup.append((up, {}))
+        await up.wait_ready(client)
+        pids = up.started()
+        cleanup[-1] = (up, pids)
+    os.kill(pids["worker"][0], signal.SIGKILL)
+    assert await up.wait_exit() == 1
+    out = up.output()
+    assert f"the worker (pid {pids['worker'][0]}) exited unexpectedly" in out, out
+    last_line = (tmp_path / ".wbcache" / "worker.log").read_text().splitlines()[-1]
+    assert last_line in out.split("exited unexpectedly", 1)[1]  # with its last log lines
+    assert gone(*pids["api"]), out
+
+
+async def test_up_refuses_a_busy_port(
+    tmp_path: Path,
+    up_env: dict[str, str],
+    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        data_dir = tmp_path / ".wbcache"
+        up = UpProc(tmp_path, data_dir, port, up_env).start()
+        cleanup.append((up, {}))
+        code = await up.wait_exit(30)
+    assert code != 0
+    assert f"127.0.0.1:{port}" in up.output() and "already in use" in up.output()
+    # nothing was started
+    assert not (data_dir / "redis").exists() and not (data_dir / "postgres").exists()
+    assert not (data_dir / "up.json").exists()
