@@ -19,6 +19,7 @@ up: install
 	$(BIN)/wbcache up
 
 test: install
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api import batch, deadletters, errors, ops, records
+from service.api import batch, dashboard, deadletters, errors, ops, records
 from service.api.middleware import RequestContext
 from service.auth import ApiKeys
 from service.config import Settings, get_settings
@@ -143,5 +143,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(deadletters.router)
     app.include_router(batch.router)
+    app.include_router(dashboard.router)
     app.include_router(records.router)
     return app
