@@ -26,6 +26,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy scripts
+	$(BIN)/python scripts/check_deploy.py
+	$(BIN)/hadolint --no-color Dockerfile
 
 format: install
 	$(BIN)/ruff format .

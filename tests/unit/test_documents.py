@@ -15,7 +15,9 @@ def test_canonical_sorts_keys_so_postgres_round_trip_is_stable() -> None:
     doc = {"bb": 1, "a": [1.5, 1e20, {"z": None, "y": "é"}], "c": -0.0, "d": -0.0e-5}
     canon = documents.canonical(doc, 10_000)
     # jsonb text of the same value: keys reordered by length, spaces, numbers rewritten.
-    jsonb_text = '{"a": [1.5, 100000000000000000000, {"y": "é", "z": null}], "c": 0.0, "d": 0.0, "bb": 1}'
+    jsonb_text = (
+        '{"a": [1.5, 100000000000000000000, {"y": "é", "z": null}], "c": 0.0, "d": 0.0, "bb": 1}'
+    )
     assert documents.from_postgres(jsonb_text) == canon
 
 
