@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import time
 from typing import Annotated, Any
 
 import typer
@@ -75,6 +77,17 @@ def serve(
     )
 
 
+def _is_redis_down(exc: BaseException) -> bool:
+    from service.errors import REDIS_DOWN
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, REDIS_DOWN | OSError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @app.command()
 def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
     """Run one worker that persists accepted writes (run as many as you like)."""
@@ -85,7 +98,43 @@ def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
 
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
-    Worker(**worker_settings(settings)).run()
+    log = logging.getLogger("wbcache.worker")
+    stopped = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    delay = 0.5
+    while True:
+        w = Worker(**worker_settings(settings))
+
+        def stop_claiming(_: object, w: Worker = w) -> None:
+            # On SIGTERM/SIGINT: no new batches; running ones finish or are handed back.
+            nonlocal stopped
+            stopped = True
+            flusher = w.ctx.get("flusher")
+            if flusher is not None:
+                flusher.stopping = True
+
+        w.on_stop = stop_claiming
+        try:
+            w.run()
+            return
+        except Exception as exc:
+            # arq's poll loop dies when Redis goes away; a worker must outlive an outage.
+            if stopped or not _is_redis_down(exc):
+                raise
+            log.warning("Redis is unreachable (%s); restarting the worker in %.1f s", exc, delay)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            w.loop.remove_signal_handler(sig)
+            signal.signal(sig, on_signal)
+        deadline = time.monotonic() + delay
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stopped:
+            return
+        delay = min(5.0, delay * 2)
 
 
 @app.command()
@@ -280,7 +329,7 @@ def _dead_letters(settings: Settings, action: str, items: list[str] | None) -> A
         dl = DeadLetters(redis, keys, Scripts.register(redis))
         if action == "list":
             out: list[dict[str, Any]] = []
-            cursor = 0
+            cursor = ""
             while True:
                 page, cursor = await dl.page(cursor, 500)
                 out.extend(page)
@@ -308,7 +357,7 @@ def dlq_list(
     for d in items:
         typer.echo(
             f"{d['collection']}/{d['key']}  version={d['version']}  "
-            f"sqlstate={d['sqlstate']}  {d['error']}"
+            f"sqlstate={d['sqlstate']}  {str(d['error']).splitlines()[0]}"
         )
 
 

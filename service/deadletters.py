@@ -3,6 +3,8 @@ until an operator retries or drops them. Used by the API and the CLI."""
 
 from __future__ import annotations
 
+import base64
+import bisect
 import logging
 import time
 from collections.abc import Sequence
@@ -18,20 +20,37 @@ from service.wakeups import schedule_flush
 log = logging.getLogger("wbcache.deadletters")
 
 
+def _encode_cursor(member: str) -> str:
+    return base64.urlsafe_b64encode(member.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    if not cursor or cursor == "0":
+        return ""
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("not a cursor this API returned") from None
+
+
 class DeadLetters:
     def __init__(self, redis: ArqRedis, keys: Keys, scripts: Scripts) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
 
-    async def page(self, cursor: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
-        """One page of dead letters and the cursor of the next (0 when done)."""
-        items: list[dict[str, Any]] = []
-        while True:
-            cursor, chunk = await self.redis.hscan(self.keys.dead, cursor, count=limit)
-            items.extend(orjson.loads(v) for v in chunk.values())
-            if cursor == 0 or len(items) >= limit:
-                return items, cursor
+    async def page(self, cursor: str = "", limit: int = 100) -> tuple[list[dict[str, Any]], str]:
+        """One page of dead letters in key order, and the cursor of the next ("" when
+        done). The cursor is the last key of the page, so pages never overlap or exceed
+        ``limit`` (HSCAN's COUNT is only a hint)."""
+        after = _decode_cursor(cursor)
+        names = sorted(m.decode() for m in await self.redis.hkeys(self.keys.dead))  # type: ignore[misc]
+        start = bisect.bisect_right(names, after) if after else 0
+        chunk = names[start : start + limit]
+        values = await self.redis.hmget(self.keys.dead, chunk) if chunk else []  # type: ignore[misc]
+        items = [orjson.loads(v) for v in values if v is not None]
+        more = start + limit < len(names)
+        return items, _encode_cursor(chunk[-1]) if more and chunk else ""
 
     async def count(self) -> int:
         return int(await self.redis.hlen(self.keys.dead))  # type: ignore[misc]

@@ -7,6 +7,8 @@ miss then answer with identical bytes under the same ETag.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -23,11 +25,31 @@ class DocumentError(ValueError):
         self.message = message
 
 
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
+def _checked_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _UINT_MAX:
+        raise DocumentError(
+            "invalid_document",
+            f"The integer {text[:40]} is outside the 64-bit range this service keeps exactly; "
+            "send it as a string.",
+        )
+    return value
+
+
 def parse(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
+    # orjson turns integers beyond 64 bits into floats, silently losing digits: refuse them
+    # (the cheap byte test rules out almost every body).
+    if _LONG_DIGITS.search(body):
+        json.loads(body, parse_int=_checked_int)
+    return value
 
 
 def dumps(value: Any) -> bytes:
@@ -42,9 +64,6 @@ def _has_nul(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_nul(v) for v in value)
     return False
-
-
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
 def _as_postgres_prints(value: Any) -> Any:

@@ -6,6 +6,7 @@ statement per kind, release it. Used by the worker (continuously) and by the API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -19,7 +20,7 @@ from arq.connections import ArqRedis
 from service import metrics, repository
 from service.config import Settings
 from service.connections import PgPool
-from service.errors import is_poison, sqlstate
+from service.errors import REDIS_DOWN, is_poison, sqlstate
 from service.keys import Keys, split_member
 from service.scripts import Scripts
 
@@ -99,6 +100,8 @@ class Flusher:
         self.keys = Keys(settings.redis_prefix)
         self.scripts = scripts
         self.held: set[str] = set()
+        # Set on shutdown: loops stop claiming; held batches are handed back.
+        self.stopping = False
         self._retry_log = _Throttled()
 
     # -- claiming and releasing ------------------------------------------------------------
@@ -107,23 +110,40 @@ class Flusher:
         now = now_ms()
         batch_id = uuid.uuid4().hex
         k = self.keys
-        raw = await self.scripts.claim(
-            keys=[k.dirty, k.inflight, k.leases, k.batch_age],
-            args=[
-                now,
-                now - self.settings.write_delay_ms,
-                self.settings.batch_size,
-                32 * 1024 * 1024,
-                batch_id,
-                now + int(self.settings.lease_seconds * 1000),
-                k.prefix,
-                *members,
-            ],
+        call = asyncio.ensure_future(
+            self.scripts.claim(
+                keys=[k.dirty, k.inflight, k.leases, k.batch_age],
+                args=[
+                    now,
+                    now - self.settings.write_delay_ms,
+                    self.settings.batch_size,
+                    32 * 1024 * 1024,
+                    batch_id,
+                    now + int(self.settings.lease_seconds * 1000),
+                    k.prefix,
+                    *members,
+                ],
+            )
         )
+        try:
+            raw = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The script runs atomically in Redis: learn what it claimed and hand it back
+            # now, rather than leave it held until the lease runs out.
+            with contextlib.suppress(Exception):
+                raw = await call
+                if raw:
+                    await self.release(Batch(batch_id, _decode(raw)), [], [])
+            raise
         if not raw:
             return None
         self.held.add(batch_id)
         return Batch(batch_id, _decode(raw))
+
+    async def hand_back_all(self) -> None:
+        """Return every batch this process still holds to the dirty set (shutdown)."""
+        for batch_id in list(self.held):
+            await self.release(Batch(batch_id, []), [], [])
 
     async def release(
         self, batch: Batch, committed: Sequence[Item], dead: Sequence[DeadLetter]
@@ -223,17 +243,17 @@ class Flusher:
                         await self.release(batch, [], [])
                         return False
                     await asyncio.sleep(delay)
-            await self.release(batch, committed, dead)
+            await self._release_reliably(batch, committed, dead)
         except asyncio.CancelledError:
             # Shutting down: hand the batch back so another worker takes it at once.
             await asyncio.shield(self.release(batch, [], []))
             raise
         duration = time.monotonic() - started
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            metrics.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
-            metrics.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
-            await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                metrics.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
+                metrics.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
+                await pipe.execute()
         except Exception as exc:  # metrics must never fail a flush
             log.debug("could not record flush metrics: %s", exc)
         if attempt:
@@ -248,14 +268,32 @@ class Flusher:
         )
         return True
 
+    async def _release_reliably(
+        self, batch: Batch, committed: Sequence[Item], dead: Sequence[DeadLetter]
+    ) -> None:
+        """The commit is done: retry the release through a Redis outage. Give up only when
+        shutting down; the lease then runs out and the (idempotent) flush is redone."""
+        delay = 0.05
+        while True:
+            try:
+                await self.release(batch, committed, dead)
+                return
+            except REDIS_DOWN as exc:
+                if self.stopping:
+                    self.held.discard(batch.id)
+                    return
+                self._retry_log.warn("release failed, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
     async def _note_failure(self, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}"
         self._retry_log.warn("flush failed, retrying with backoff: %s", text)
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hincrby(self.keys.counters, "flush_failures", 1)
-            pipe.set(self.keys.last_error, orjson.dumps({"error": text, "at": time.time()}))
-            await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self.keys.counters, "flush_failures", 1)
+                pipe.set(self.keys.last_error, orjson.dumps({"error": text, "at": time.time()}))
+                await pipe.execute()
         except Exception:  # Redis trouble is reported by its own callers
             pass
 
@@ -267,14 +305,18 @@ class Flusher:
 
         async def loop() -> None:
             nonlocal flushed
-            while True:
+            while not self.stopping:
                 batch = await self.claim()
                 if batch is None:
                     return
                 await self.flush_batch(batch)
                 flushed += len(batch.items)
 
-        await asyncio.gather(*(loop() for _ in range(max(1, self.settings.flush_concurrency))))
+        # A TaskGroup: if one loop fails (Redis gone), the others are cancelled and hand
+        # their batches back, instead of running on unowned.
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, self.settings.flush_concurrency)):
+                group.create_task(loop())
         return flushed
 
     async def next_ready_in_ms(self) -> int | None:
@@ -297,10 +339,10 @@ class Flusher:
         entry = self.keys.entry(*split_member(m))
         delay = 0.002
         while True:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(entry, "p")
-            pipe.hexists(self.keys.dead, m)
-            persisted, dead = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(entry, "p")
+                pipe.hexists(self.keys.dead, m)
+                persisted, dead = await pipe.execute()
             if persisted is not None and int(persisted) >= version:
                 return "committed"
             if dead:

@@ -54,10 +54,10 @@ class AppState:
         if not hits and not misses:
             return
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hincrby(self.keys.counters, "hits", hits)
-            pipe.hincrby(self.keys.counters, "misses", misses)
-            await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self.keys.counters, "hits", hits)
+                pipe.hincrby(self.keys.counters, "misses", misses)
+                await pipe.execute()
         except Exception:
             # Keep them for the next attempt rather than lose them.
             self.counters.hits += hits

@@ -21,18 +21,19 @@ def _number(raw: bytes) -> float:
 
 async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[str, Any]:
     now = int(time.time() * 1000)
-    pipe = redis.pipeline(transaction=False)
-    pipe.zcard(keys.dirty)
-    pipe.hlen(keys.inflight)
-    pipe.zrange(keys.dirty, 0, 0, withscores=True)
-    pipe.zrange(keys.batch_age, 0, 0, withscores=True)
-    pipe.hlen(keys.dead)
-    pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
-    pipe.hgetall(keys.counters)
-    pipe.zcard(keys.arq_queue)
-    pipe.zcard(keys.leases)
-    pipe.zrangebyscore(keys.flush_log, now - 60_000, "+inf")
-    pipe.get(keys.last_error)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.dirty)
+        pipe.hlen(keys.inflight)
+        pipe.zrange(keys.dirty, 0, 0, withscores=True)
+        pipe.zrange(keys.batch_age, 0, 0, withscores=True)
+        pipe.hlen(keys.dead)
+        pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
+        pipe.hgetall(keys.counters)
+        pipe.zcard(keys.arq_queue)
+        pipe.zcard(keys.leases)
+        pipe.zrangebyscore(keys.flush_log, now - 60_000, "+inf")
+        pipe.get(keys.last_error)
+        results = await pipe.execute()
     (
         dirty,
         inflight,
@@ -45,7 +46,7 @@ async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[
         batches,
         recent,
         last_error,
-    ) = await pipe.execute()
+    ) = results
 
     oldest = [int(s) for _, s in (oldest_dirty + oldest_batch)]
     counters = {k.decode(): _number(v) for k, v in counters_raw.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     try:
         yield w
     finally:
+        # Cancel the jobs and wait for them ourselves: arq's close() can re-raise a job's
+        # CancelledError and skip on_shutdown (leaking its connections).
+        w.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*w.tasks.values(), return_exceptions=True)
+        w.tasks.clear()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -62,6 +62,11 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def shutdown(ctx: dict[str, Any]) -> None:
     ctx["heartbeat"].cancel()
     flusher: Flusher = ctx["flusher"]
+    flusher.stopping = True
+    try:
+        await flusher.hand_back_all()
+    except Exception as exc:  # their leases run out instead
+        log.warning("could not hand back batches at shutdown: %s", exc)
     with contextlib.suppress(Exception):
         await flusher.redis.zrem(flusher.keys.workers, ctx["worker_id"])
     await ctx["pg"].close()

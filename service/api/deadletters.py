@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from service.api.deps import StateDep
-from service.api.errors import ERROR_RESPONSES, json_response
+from service.api.errors import ERROR_RESPONSES, ApiError, json_response
 from service.api.http import COLLECTION_RE
 from service.errors import REDIS_DOWN, Unavailable
 
@@ -33,12 +33,14 @@ def _refs(body: ItemsRequest | None) -> list[tuple[str, str]] | None:
 @router.get("/dead-letters", summary="List dead letters (cursor-paginated)")
 async def list_dead_letters(
     state: StateDep,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[str, Query(max_length=2048)] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     try:
         items, next_cursor = await state.dead_letters.page(cursor, limit)
         total = await state.dead_letters.count()
+    except ValueError as exc:
+        raise ApiError(400, "bad_cursor", str(exc)) from exc
     except REDIS_DOWN as exc:
         raise Unavailable("redis", str(exc)) from exc
     return json_response({"items": items, "next_cursor": next_cursor or None, "total": total})

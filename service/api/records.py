@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from service import documents
 from service.api.deps import StateDep
@@ -23,7 +24,22 @@ from service.state import AppState
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
 
-PATH = "/{collection}/{key:path}"
+
+class _AnyConvertor(Convertor[str]):
+    """Like ``path`` but also across control characters (``%0A``), so such keys reach the
+    handler and get a clear 422 instead of a routing 404. The handler re-reads the raw path."""
+
+    regex = "[\\s\\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anything", _AnyConvertor())
+PATH = "/{collection}/{key:anything}"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Absent or deleted"},
     412: {"description": "A precondition failed"},

@@ -402,7 +402,7 @@
   }
 
   async function loadDeadLetters() {
-    const q = "?cursor=" + dlCursor + "&limit=" + DEAD_LETTER_PAGE;
+    const q = "?cursor=" + encodeURIComponent(dlCursor) + "&limit=" + DEAD_LETTER_PAGE;
     const page = await api("GET", "/v1/dead-letters" + q);
     if (dlCursor !== 0 && !(page.items || []).length && page.total) {
       dlCursor = 0; // the page we were on emptied: back to the first

@@ -92,3 +92,14 @@ def test_numbers_as_postgres_prints_them() -> None:
     as_jsonb += "10000000000000000000, 100000000000000000000, -10000000000000000000, 0.0, "
     as_jsonb += "0.0000001]"
     assert documents.from_postgres(as_jsonb) == canon
+
+
+def test_integers_beyond_64_bits_in_a_body_are_refused() -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(b'{"n": 18446744073709551616}')
+    assert exc.value.code == "invalid_document"
+    assert documents.parse(b'{"n": 18446744073709551615, "s": "12345678901234567890123"}') == {
+        "n": 18446744073709551615,
+        "s": "12345678901234567890123",
+    }
+    assert documents.parse(b"-9223372036854775808") == -(2**63)
