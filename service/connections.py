@@ -55,6 +55,10 @@ def sqlalchemy_url(url: str) -> str:
     )
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    return None
+
+
 class PgPool:
     """An asyncpg pool opened lazily and reopened after failures, so that processes start
     and keep running while Postgres is down (writes are still accepted)."""
@@ -77,6 +81,9 @@ class PgPool:
                     timeout=self._settings.pg_timeout_seconds,
                     command_timeout=max(30.0, self._settings.pg_timeout_seconds),
                     server_settings={"application_name": client_name(self._process)},
+                    # We never change session state, so skip asyncpg's RESET ALL /
+                    # UNLISTEN round trip on every release.
+                    reset=_no_reset,
                 )
             return self._pool
 

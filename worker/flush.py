@@ -28,10 +28,12 @@ async def _drain(ctx: dict[str, Any]) -> int:
         while True:
             flushed += await flusher.drain_ready()
             wait_ms = await flusher.next_ready_in_ms()
-            # Keep draining while work becomes due soon; otherwise go back to sleep.
+            # Keep draining while work becomes due soon; otherwise go back to sleep. Wait at
+            # least a fifth of the write delay between passes so that keys due at nearby
+            # moments share a batch (one commit instead of dozens of tiny ones).
             if wait_ms is None or wait_ms > flusher.settings.write_delay_ms:
                 break
-            await asyncio.sleep(wait_ms / 1000)
+            await asyncio.sleep(max(wait_ms, flusher.settings.write_delay_ms // 5) / 1000)
     # Outside the lock: a wake-up that arrived while we drained returned at once, so
     # schedule whatever is still dirty ourselves.
     wait_ms = await flusher.next_ready_in_ms()

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from service.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a plain def dependency runs in a thread pool on every request.
     state: AppState = request.app.state.wb
     return state
 

@@ -4,7 +4,7 @@
 -- ARGV: 1 now ms, 2 ready before ms, 3 max keys, 4 max bytes, 5 batch id, 6 lease until ms,
 --       7 prefix, 8.. explicit members (claim only these, if dirty)
 -- Returns a flat list: member, version, document, tombstone flag, ...
-local dirty, inflight, leases, ages = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local dirty, inflight, leases = KEYS[1], KEYS[2], KEYS[3]
 local prefix = ARGV[7]
 
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', ARGV[1], 'LIMIT', 0, 16)
@@ -19,7 +19,7 @@ for _, b in ipairs(expired) do
   end
   redis.call('DEL', bk)
   redis.call('ZREM', leases, b)
-  redis.call('ZREM', ages, b)
+  redis.call('ZREM', KEYS[4], b)
 end
 
 local candidates = {}
@@ -44,6 +44,7 @@ local bk = prefix .. 'b:' .. batch
 local max_bytes = tonumber(ARGV[4])
 local bytes = 0
 local out = {}
+local taken, owned, ages = {}, {}, {}
 local oldest = nil
 for i = 1, #candidates, 2 do
   local m, score = candidates[i], candidates[i + 1]
@@ -52,12 +53,14 @@ for i = 1, #candidates, 2 do
   if #out > 0 and bytes + size > max_bytes then
     break
   end
-  redis.call('ZREM', dirty, m)
+  table.insert(taken, m)
   local ent = redis.call('HMGET', e, 'v', 'd', 't')
   if ent[1] then
     bytes = bytes + size
-    redis.call('HSET', inflight, m, batch)
-    redis.call('HSET', bk, m, score)
+    table.insert(owned, m)
+    table.insert(owned, batch)
+    table.insert(ages, m)
+    table.insert(ages, score)
     if not oldest or tonumber(score) < oldest then
       oldest = tonumber(score)
     end
@@ -67,8 +70,14 @@ for i = 1, #candidates, 2 do
     table.insert(out, ent[3] or '0')
   end
 end
+-- One call each for the whole batch (at most BATCH_SIZE keys: well within unpack's limit).
+if #taken > 0 then
+  redis.call('ZREM', dirty, unpack(taken))
+end
 if #out > 0 then
+  redis.call('HSET', inflight, unpack(owned))
+  redis.call('HSET', bk, unpack(ages))
   redis.call('ZADD', leases, ARGV[6], batch)
-  redis.call('ZADD', ages, oldest, batch)
+  redis.call('ZADD', KEYS[4], oldest, batch)
 end
 return out

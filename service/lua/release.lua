@@ -15,24 +15,28 @@ local function owned(m)
 end
 
 local committed = 0
+local handled = {}
+local released = {}
 local i = 7
 for _ = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
   i = i + 2
+  handled[m] = true
+  committed = committed + 1
   local e = prefix .. 'e:' .. m
   local mine = owned(m)
-  local score = redis.call('HGET', bk, m)
   if mine then
-    redis.call('HDEL', inflight, m)
+    table.insert(released, m)
   end
-  redis.call('HDEL', bk, m)
-  committed = committed + 1
   local cur = redis.call('HMGET', e, 'v', 'p', 't')
   if cur[1] == v then
     redis.call('HSET', e, 'p', v)
-    -- Committed: the entry is clean unless another batch holds it again.
-    if redis.call('HEXISTS', inflight, m) == 0 then
-      redis.call('ZREM', dirty, m)
+    -- Committed: the entry is clean, unless we had lost it and another batch holds it.
+    -- (While we owned it, writes could not put it back in the dirty set.)
+    if mine or redis.call('HEXISTS', inflight, m) == 0 then
+      if not mine then
+        redis.call('ZREM', dirty, m)
+      end
       if cur[3] == '1' then
         redis.call('PEXPIRE', e, ARGV[4])
       else
@@ -45,7 +49,7 @@ for _ = 1, n do
     end
     -- A newer write landed while we flushed: it must be flushed too.
     if mine then
-      redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
+      redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or ARGV[5], m)
     end
   end
 end
@@ -54,6 +58,7 @@ local dead_count = 0
 while i + 2 <= #ARGV do
   local m, v, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   i = i + 3
+  handled[m] = true
   local mine = owned(m)
   local score = redis.call('HGET', bk, m)
   if mine then
@@ -67,16 +72,18 @@ while i + 2 <= #ARGV do
       redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
     end
   end
-  redis.call('HDEL', bk, m)
 end
 
 -- Hand back anything still held (shutdown, or a batch given up on).
 local rest = redis.call('HGETALL', bk)
 for j = 1, #rest, 2 do
-  if redis.call('HGET', inflight, rest[j]) == batch then
+  if not handled[rest[j]] and redis.call('HGET', inflight, rest[j]) == batch then
     redis.call('HDEL', inflight, rest[j])
     redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j])
   end
+end
+if #released > 0 then
+  redis.call('HDEL', inflight, unpack(released))
 end
 redis.call('DEL', bk)
 redis.call('ZREM', leases, batch)
