@@ -1,0 +1,1 @@
+"""Benchmarks of wbcache against real processes (``make bench`` runs ``bench.core``)."""
