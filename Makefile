@@ -26,7 +26,6 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/mypy scripts
 	$(BIN)/python scripts/check_deploy.py
 	$(BIN)/hadolint --no-color Dockerfile
 
