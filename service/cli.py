@@ -82,7 +82,7 @@ def _is_redis_down(exc: BaseException) -> bool:
 
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, REDIS_DOWN | OSError):
+        if isinstance(seen, (*REDIS_DOWN, OSError)):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
