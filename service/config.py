@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     pg_pool_max: int = 8
     redis_max_connections: int = 64
     pg_timeout_seconds: float = 5.0
+    # 0 behind pgbouncer in transaction pooling mode (no prepared statements across
+    # transactions); asyncpg's default otherwise.
+    pg_statement_cache_size: int = 100
 
     # The worker touches this file on every heartbeat (`wbcache healthcheck worker`).
     worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"

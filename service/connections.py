@@ -13,6 +13,7 @@ import asyncpg
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 
+from service.arq_keys import use_prefix
 from service.config import Settings
 
 
@@ -22,6 +23,7 @@ def client_name(process: str) -> str:
 
 def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
     """A Redis client that can also enqueue arq jobs (the flush wake-ups)."""
+    use_prefix(settings.redis_prefix)
     options: dict[str, Any] = {
         "client_name": client_name(process),
         "max_connections": settings.redis_max_connections,
@@ -84,6 +86,7 @@ class PgPool:
                     # We never change session state, so skip asyncpg's RESET ALL /
                     # UNLISTEN round trip on every release.
                     reset=_no_reset,
+                    statement_cache_size=self._settings.pg_statement_cache_size,
                 )
             return self._pool
 

@@ -14,6 +14,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import func
 
+from service.arq_keys import use_prefix
 from service.config import Settings, get_settings
 from service.connections import PgPool, create_redis
 from service.flusher import Flusher
@@ -78,6 +79,7 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``."""
     settings = settings or get_settings()
     keys = Keys(settings.redis_prefix)
+    use_prefix(settings.redis_prefix)
     sweep_seconds = max(1, min(30, settings.sweep_seconds))
     return {
         "functions": [func(flush, name=FLUSH_JOB, keep_result=0, timeout=None, max_tries=1)],

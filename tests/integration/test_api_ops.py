@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -15,7 +16,9 @@ from arq.worker import Worker
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
-from tests.conftest import running_worker, wait_drained, wait_until
+from service.connections import create_redis
+from service.embedded import RedisServer
+from tests.conftest import running_api, running_worker, wait_drained, wait_until
 
 if TYPE_CHECKING:  # a class named Test* must not be collected as a test class
     from tests.support.servers import TestServers
@@ -291,3 +294,34 @@ async def test_metrics_prometheus_text(
     misses = m["wbcache_cache_misses_total"]
     assert (await api.get(f"/v1/{c}/b")).headers["x-cache"] == "miss"
     assert (await metrics(api))["wbcache_cache_misses_total"] == misses + 1
+
+
+# -- REDIS_PREFIX ------------------------------------------------------------------------------
+
+
+async def test_every_redis_key_is_under_the_prefix(
+    settings_factory: Callable[..., Settings], tmp_path: Path, c: str
+) -> None:
+    """REDIS_PREFIX is "the prefix of every Redis key the service owns, so it can share a
+    Redis": on a Redis of its own, the API and a worker leave no key outside it."""
+    with RedisServer(tmp_path / "redis") as server:
+        settings = settings_factory(redis_url=server.url, redis_prefix="own:")
+        async with running_api(settings) as api:
+            await api.put(f"/v1/{c}/a", json=1)
+            await api.put(f"/v1/{c}/b", json=2, headers={"Write-Mode": "through"})
+            await api.delete(f"/v1/{c}/b")
+            async with running_worker(settings):
+                await wait_drained(api)
+                await wait_until(lambda: _workers(api), timeout=10)
+            await api.get(f"/v1/{c}/a")
+            await api.post("/v1/invalidate", json={"collection": c})
+            await api.get("/v1/stats")
+        client = create_redis("test", settings)
+        outside: list[str] = []
+        try:
+            async for k in client.scan_iter(count=10_000):
+                if not k.startswith(b"own:"):
+                    outside.append(k.decode())
+        finally:
+            await client.aclose(close_connection_pool=True)
+    assert outside == []
