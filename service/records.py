@@ -74,6 +74,11 @@ class Record:
     dead_lettered: bool = False
 
 
+def _glob_escape(text: str) -> str:
+    """A literal for a Redis SCAN MATCH pattern (a prefix may hold * ? [ ] or \\)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -307,7 +312,7 @@ class RecordStore:
                 for i in range(0, len(keys), 500):
                     await run([member(collection, key) for key in keys[i : i + 500]])
             else:
-                pattern = f"{k.entry_prefix}{collection}:*"
+                pattern = f"{_glob_escape(k.entry_prefix)}{collection}:*"
                 chunk: list[str] = []
                 async for raw in self.redis.scan_iter(match=pattern, count=1000):
                     chunk.append(_s(raw)[len(k.entry_prefix) :])
