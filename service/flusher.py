@@ -167,7 +167,6 @@ class Flusher:
                 "version": int(d.item.version),
                 "sqlstate": d.sqlstate,
                 "error": d.error,
-                "attempts": 1,
                 "failed_at": now / 1000,
             }
             args += [d.item.member, d.item.version, orjson.dumps(info)]

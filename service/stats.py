@@ -12,6 +12,27 @@ from redis.asyncio import Redis
 from service.keys import Keys
 
 WORKER_ALIVE_MS = 15_000
+# Pending per collection is counted from the members themselves, up to this many.
+PER_COLLECTION_LIMIT = 100_000
+
+
+async def pending_by_collection(redis: Redis, keys: Keys) -> dict[str, Any]:
+    """Pending keys per collection (dirty + in flight); exact up to PER_COLLECTION_LIMIT
+    keys, a count of the first ones beyond that (``"exact": false``)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrange(keys.dirty, 0, PER_COLLECTION_LIMIT - 1)
+        pipe.zcard(keys.dirty)
+        pipe.hlen(keys.inflight)
+        dirty, dirty_total, inflight_total = await pipe.execute()
+    members = list(dirty)
+    if inflight_total <= PER_COLLECTION_LIMIT:
+        members += await redis.hkeys(keys.inflight)  # type: ignore[misc]
+    counts: dict[str, int] = {}
+    for m in members:
+        collection = m.split(b":", 1)[0].decode()
+        counts[collection] = counts.get(collection, 0) + 1
+    exact = dirty_total <= PER_COLLECTION_LIMIT and inflight_total <= PER_COLLECTION_LIMIT
+    return {"counts": dict(sorted(counts.items())), "exact": exact}
 
 
 def _number(raw: bytes) -> float:

@@ -55,7 +55,14 @@ async def readyz(state: StateDep) -> Response:
 
 @router.get("/v1/stats", summary="Queue depth, lag, dead letters, workers, hit ratio")
 async def get_stats(state: StateDep) -> Response:
-    return json_response(await current_stats(state))
+    s = await current_stats(state)
+    try:
+        per = await stats.pending_by_collection(state.redis, state.keys)
+    except REDIS_DOWN as exc:
+        raise Unavailable("redis", str(exc)) from exc
+    s["pending_by_collection"] = per["counts"]
+    s["pending_by_collection_exact"] = per["exact"]
+    return json_response(s)
 
 
 @router.get("/metrics", summary="Prometheus text exposition")

@@ -65,7 +65,9 @@ while i + 2 <= #ARGV do
     redis.call('HDEL', inflight, m)
     local cur = redis.call('HGET', prefix .. 'e:' .. m, 'v')
     if cur == v then
-      redis.call('HSET', dead, m, info)
+      -- Count the attempts across operator retries (a new write resets the count).
+      local attempts = redis.call('HINCRBY', prefix .. 'e:' .. m, 'a', 1)
+      redis.call('HSET', dead, m, string.sub(info, 1, -2) .. ',"attempts":' .. attempts .. '}')
       redis.call('HSET', prefix .. 'e:' .. m, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then

@@ -64,10 +64,10 @@ local nvs = string.format('%d', nv)
 
 if op == 'del' then
   redis.call('HSET', e, 'v', nvs, 't', '1')
-  redis.call('HDEL', e, 'd', 'x')
+  redis.call('HDEL', e, 'd', 'x', 'a')
 else
   redis.call('HSET', e, 'v', nvs, 'd', ARGV[2])
-  redis.call('HDEL', e, 't', 'x')
+  redis.call('HDEL', e, 't', 'x', 'a')
 end
 if not cached then
   redis.call('HSET', e, 'p', curv)
