@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
 from service import documents
-from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
     etag,
@@ -138,7 +137,8 @@ async def persist_through(state: AppState, collection: str, key: str, version: i
     summary="Create or replace a record",
     openapi_extra=_PUT_BODY,
 )
-async def put_record(request: Request, state: StateDep) -> Response:
+async def put_record(request: Request) -> Response:
+    state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
     if not is_json(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "Send the document as application/json.")
@@ -163,7 +163,8 @@ async def put_record(request: Request, state: StateDep) -> Response:
 @router.patch(
     PATH, responses=_ERRORS, summary="Merge-patch a record (RFC 7396)", openapi_extra=_PATCH_BODY
 )
-async def patch_record(request: Request, state: StateDep) -> Response:
+async def patch_record(request: Request) -> Response:
+    state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
     if not is_json(request.headers.get("content-type"), patch=True):
         raise ApiError(
@@ -198,7 +199,8 @@ async def patch_record(request: Request, state: StateDep) -> Response:
 @router.head(
     PATH, responses=_ERRORS, summary="A record's headers, no body", operation_id="head_record"
 )
-async def get_record(request: Request, state: StateDep) -> Response:
+async def get_record(request: Request) -> Response:
+    state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
     inm = parse_match(request.headers.get("if-none-match"), "If-None-Match")
     record = await state.store.read(collection, key)
@@ -218,7 +220,8 @@ async def get_record(request: Request, state: StateDep) -> Response:
 
 
 @router.delete(PATH, status_code=204, responses=_ERRORS, summary="Delete a record")
-async def delete_record(request: Request, state: StateDep) -> Response:
+async def delete_record(request: Request) -> Response:
+    state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
     pre = _preconditions(request)
     mode = _write_mode(state, request, collection)
