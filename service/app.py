@@ -147,4 +147,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deadletters.router)
     app.include_router(batch.router)
     app.include_router(dashboard.router)
+    app.router.routes[0:0] = records.FAST_ROUTES
     return app
