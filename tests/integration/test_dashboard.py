@@ -210,7 +210,7 @@ async def test_dashboard_live_queue_and_dead_letters(
         await page.fill("#api-key", ADMIN_KEY)
         await page.click("#api-key-save")
         await _wait_js(page, f"{_value('pending')} === 0 && {_value('workers')} === 0")
-        assert await page.is_hidden("#auth")
+        await page.wait_for_selector("#auth", state="hidden", timeout=15_000)
         stored = await page.evaluate("sessionStorage.getItem('wbcache.apiKey')")
         assert stored == ADMIN_KEY
         await page.wait_for_selector('#config [data-setting="write_delay_ms"]')
