@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint format bench clean
+.PHONY: install up test lint format bench bench-suite clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ format: install
 
 bench: install
 	$(BIN)/python -m bench.core
+
+# Side by side with a no-storage ceiling and a synchronous write-through app (needs wrk:
+# apt-get install -y wrk), plus batch, 2+2 scaling, cold drain, memory; see bench/README.md.
+bench-suite: install
+	$(BIN)/python -m bench.suite $(SUITE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
