@@ -179,6 +179,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    p.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of finished runs (several: medians over all their "
+        "repetitions), run nothing",
+    )
+    p.add_argument("--markdown", action="store_true", help="with --report: also as Markdown")
     a = p.parse_args(argv)
 
     def pick(value: Any, full: Any, quick: Any) -> Any:
@@ -775,7 +784,22 @@ async def start_apps(b: Bench, group: ProcessGroup) -> list[Target]:
     for t in targets:
         await prefill(t, opts.keys, opts.doc_bytes)
     await wait_drained(wb)
+    await settle(b)
     return targets
+
+
+async def settle(b: Bench) -> None:
+    """After a bulk load: vacuum and checkpoint now, so that autovacuum and a checkpoint
+    do not land in the first measured runs."""
+    conn = await asyncpg.connect(b.servers.database_url)
+    try:
+        await conn.execute("VACUUM ANALYZE records")
+        await conn.execute("VACUUM ANALYZE wt_records")
+        with contextlib.suppress(asyncpg.PostgresError):  # needs pg_checkpoint or superuser
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    await asyncio.sleep(2)
 
 
 async def section_main(b: Bench, targets: list[Target], out: dict[str, Any]) -> None:
@@ -1007,6 +1031,7 @@ async def _scaling(b: Bench, one: Target, group: ProcessGroup, out: dict[str, An
     print(f"scaling: prefill {opts.keys:,} keys into {two.name} ...")
     await prefill(two, opts.keys, opts.doc_bytes)
     await wait_drained(two)
+    await settle(b)
     first = len(b.runs)
     await b.rotated([one, two], opts.scaling_reps, "scaling")
     runs = b.runs[first:]
@@ -1401,8 +1426,75 @@ async def _main_task(opts: Options, servers: Servers, log_dir: Path) -> dict[str
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The side-by-side table (and the scaling table) as Markdown, for docs."""
+    out = [
+        "| op | conns | app | req/s | × ceiling | p50 ms | p99 ms | p99 × ceiling "
+        "| API µs/req | worker µs/req |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, e in results.get("main", {}).get("table", {}).items():
+        op, c, name = key.split(" ", 2)
+        bold = "**" if name == WBCACHE else ""
+        out.append(
+            f"| {op.upper()} | {c[1:]} | {bold}{name}{bold} | {_f(e['rps'])} "
+            f"| {bold}{_f(e.get('x_ceiling'), 2)}{bold} | {_f(e['p50_ms'], 1)} "
+            f"| {_f(e['p99_ms'], 1)} | {_f(e.get('p99_x_ceiling'), 2)} "
+            f"| {_f(e['api_cpu_us_per_req'])} | {_f(e.get('worker_cpu_us_per_req'))} |"
+        )
+    scaling = results.get("scaling", {}).get("table")
+    if scaling:
+        out += [
+            "",
+            "| op | conns | 1 API + 1 worker req/s | 2 API + 2 workers req/s | ratio "
+            "| p99 ms 1+1 | p99 ms 2+2 |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, v in scaling.items():
+            op, c = key.split(" ")
+            out.append(
+                f"| {op.upper()} | {c[1:]} | {_f(v['1+1_rps'])} | {_f(v['2+2_rps'])} "
+                f"| {_f(v['2+2_x_1+1'], 2)} | {_f(v['1+1_p99_ms'], 1)} | {_f(v['2+2_p99_ms'], 1)} |"
+            )
+    return "\n".join(out)
+
+
+def report(paths: list[Path], as_markdown: bool) -> int:
+    """Print a finished run's tables again (``--report FILE``); with several files, the
+    side-by-side table over all their repetitions (medians), then each run's own."""
+    runs_of = [json.loads(p.read_text()) for p in paths]
+    results = runs_of[-1]
+    if len(runs_of) > 1:
+        merged = [
+            Run(r["target"], r["op"], r["connections"], r["rep"], r)
+            for res in runs_of
+            for r in res.get("main", {}).get("runs", [])
+        ]
+        names = [CEILING, WRITE_THROUGH, WBCACHE]
+        conns = sorted({r.connections for r in merged})
+        results = {
+            **results,
+            "config": {**results["config"], "reps": len(merged) // (len(conns) * 2 * 3)},
+            "main": {"table": aggregate(merged, names, conns)},
+        }
+        print(f"medians over {len(paths)} runs: {', '.join(str(p) for p in paths)}")
+        for key in ("batch", "scaling", "drain", "profiles", "rss", "targets"):
+            results.pop(key, None)
+    print(render(results))
+    if as_markdown:
+        print()
+        print(markdown(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report", type=Path, nargs="+")
+    pre.add_argument("--markdown", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    if known.report is not None:
+        return report(known.report, known.markdown)
+    opts = parse_args(rest)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = opts.results_dir / f"suite-{stamp}-logs"
