@@ -11,10 +11,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 
 from service.arq_keys import use_prefix
 from service.config import Settings
+from service.redis_pool import LeanConnectionPool
 
 
 def client_name(process: str) -> str:
@@ -32,7 +32,7 @@ def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
         "health_check_interval": 15,
     }
     options.update(kwargs)
-    pool = ConnectionPool.from_url(settings.redis_url, **options)
+    pool = LeanConnectionPool.from_url(settings.redis_url, **options)
     return ArqRedis(pool, default_queue_name=f"{settings.redis_prefix}arq:queue")
 
 

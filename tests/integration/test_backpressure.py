@@ -4,6 +4,7 @@ already pending are always accepted; a drained queue accepts new keys again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -122,3 +123,23 @@ async def test_past_max_pending_writes_go_through_when_so_configured(
         async with running_worker(settings):
             await wait_drained(api)
         assert await pg.fetchval("SELECT count(*) FROM records") == 7
+
+
+async def test_more_concurrent_requests_than_redis_connections_wait_instead_of_503(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
+) -> None:
+    """redis-py's stock pool raises "Too many connections" past REDIS_MAX_CONNECTIONS,
+    which the API would answer 503 (seen under wrk at 128 connections with a pool of 64):
+    the service's pool queues the request until a connection is free."""
+    settings = settings_factory(redis_max_connections=2)
+    async with running_api(settings) as api:
+        results = await asyncio.gather(
+            *(put(api, f"c{i % 40}", {"i": i}) for i in range(200)),
+            *(api.get(f"/v1/bp/c{i % 40}") for i in range(100)),
+        )
+        codes = sorted({r.status_code for r in results})
+        assert set(codes) <= {200, 201, 404}, [r.text for r in results if r.status_code >= 500]
+        assert await pending(api) == 40
+        state = api._transport.app.state.wb  # type: ignore[attr-defined]
+        pool = state.redis.connection_pool
+        assert len(pool._in_use_connections) + len(pool._available_connections) <= 2
