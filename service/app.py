@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.api import batch, dashboard, deadletters, errors, ops, records
+from service.api.lane import WbcacheApp, serve_record
 from service.api.middleware import RequestContext
 from service.auth import ApiKeys
 from service.config import Settings, get_settings
@@ -121,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.pg.close()
             await state.redis.aclose(close_connection_pool=True)
 
-    app = FastAPI(
+    app = WbcacheApp(
         docs_url=None,
         redoc_url=None,
         title="wbcache",
@@ -134,18 +135,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _offline_docs(app)
     metrics = Metrics()
     app.state.metrics = metrics
+    api_keys = ApiKeys.parse(settings.api_keys)
     app.add_middleware(
         RequestContext,
         metrics=metrics,
-        api_keys=ApiKeys.parse(settings.api_keys),
+        api_keys=api_keys,
         metrics_public=settings.metrics_public,
     )
-    # Records first: the hot path matches on the first route tried. No other route has two
-    # segments under /v1, so nothing is shadowed.
+    # Record requests skip FastAPI's stack (service/api/lane.py); the router below still
+    # holds them for the OpenAPI schema.
+    app.records_lane = RequestContext(serve_record, metrics, api_keys, settings.metrics_public)
     app.include_router(records.router)
     app.include_router(ops.router)
     app.include_router(deadletters.router)
     app.include_router(batch.router)
     app.include_router(dashboard.router)
-    app.router.routes[0:0] = records.FAST_ROUTES
     return app

@@ -61,8 +61,13 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    ctx["heartbeat"].cancel()
-    flusher: Flusher = ctx["flusher"]
+    # A worker stopped while starting up (its startup cancelled) has only part of ctx.
+    heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
+    if heartbeat is not None:
+        heartbeat.cancel()
+    flusher: Flusher | None = ctx.get("flusher")
+    if flusher is None:
+        return
     flusher.stopping = True
     try:
         await flusher.hand_back_all()

@@ -85,6 +85,31 @@ def json_response(
 _DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
 
 
+def unavailable_response(exc: Unavailable) -> Response:
+    return error_response(
+        503,
+        f"{exc.dependency}_unavailable",
+        f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
+        {"Retry-After": "1"},
+    )
+
+
+def response_for(exc: Exception) -> Response | None:
+    """The response for the errors the record handlers raise on purpose; None for any
+    other exception (a bug: 500). Used by FastAPI's handlers and by the records lane."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, DocumentError):
+        return error_response(_DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
+    if isinstance(exc, Unavailable):
+        return unavailable_response(exc)
+    return None
+
+
+def unexpected_response(exc: Exception) -> Response:
+    return error_response(500, "internal_error", f"Unexpected error: {type(exc).__name__}")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> Response:
@@ -96,12 +121,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable) -> Response:
-        return error_response(
-            503,
-            f"{exc.dependency}_unavailable",
-            f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
-            {"Retry-After": "1"},
-        )
+        return unavailable_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
@@ -124,4 +144,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        return error_response(500, "internal_error", f"Unexpected error: {type(exc).__name__}")
+        return unexpected_response(exc)

@@ -6,8 +6,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
 from service import documents
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
@@ -235,24 +233,3 @@ async def delete_record(request: Request) -> Response:
     if mode == "through":
         await persist_through(state, collection, key, result.version)
     return Response(status_code=204, headers={"ETag": etag(result.version)})
-
-
-# The hot path, served by plain Starlette routes placed before everything else: FastAPI's
-# per-request machinery (dependency solving, nested router matching, exit stacks) cost a
-# measurable share of a cache hit's CPU (bench/README.md), and these handlers use none of
-# it. The FastAPI routes above stay for the OpenAPI schema and /docs; they are never
-# reached for these methods because the fast routes match first.
-class _FastRoute(Route):
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self  # as FastAPI does: the latency histogram's route label
-        return match, child
-
-
-FAST_ROUTES = [
-    _FastRoute(f"/v1{PATH}", get_record, methods=["GET", "HEAD"]),
-    _FastRoute(f"/v1{PATH}", put_record, methods=["PUT"]),
-    _FastRoute(f"/v1{PATH}", patch_record, methods=["PATCH"]),
-    _FastRoute(f"/v1{PATH}", delete_record, methods=["DELETE"]),
-]
