@@ -189,16 +189,14 @@ class Flusher:
         self, conn: asyncpg.Connection, items: list[Item]
     ) -> tuple[list[Item], list[DeadLetter]]:
         """Persist ``items``; isolate writes Postgres will never take by splitting."""
-        upserts = [
-            repository.Upsert(i.collection, i.key, i.document.decode(), int(i.version))
-            for i in items
-            if i.document is not None
-        ]
-        deletes = [
-            repository.Delete(i.collection, i.key, int(i.version))
-            for i in items
-            if i.document is None
-        ]
+        upserts = repository.Columns()
+        deletes = repository.Columns()
+        for i in items:
+            collection, _, key = i.member.partition(":")
+            if i.document is None:
+                deletes.add(collection, key, None, int(i.version))
+            else:
+                upserts.add(collection, key, i.document.decode(), int(i.version))
         try:
             await repository.persist(conn, upserts, deletes)
             return items, []

@@ -48,13 +48,12 @@ local taken, owned, ages = {}, {}, {}
 local oldest = nil
 for i = 1, #candidates, 2 do
   local m, score = candidates[i], candidates[i + 1]
-  local e = prefix .. 'e:' .. m
-  local size = redis.call('HSTRLEN', e, 'd')
+  local ent = redis.call('HMGET', prefix .. 'e:' .. m, 'v', 'd', 't')
+  local size = ent[2] and #ent[2] or 0
   if #out > 0 and bytes + size > max_bytes then
     break
   end
   table.insert(taken, m)
-  local ent = redis.call('HMGET', e, 'v', 'd', 't')
   if ent[1] then
     bytes = bytes + size
     table.insert(owned, m)
