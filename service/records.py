@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import asyncpg
 from arq.connections import ArqRedis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from service import documents, repository
 from service.config import Settings
@@ -65,6 +67,17 @@ class WriteResult:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteCall:
+    """One write of ``write_many``: a put (with its canonical document) or a delete."""
+
+    op: Op
+    collection: str
+    key: str
+    document: bytes = b""
+    pre: Preconditions = Preconditions()  # noqa: RUF009 - frozen, immutable
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """What a read found: a document (None for a deleted/absent key) at a version."""
 
@@ -113,6 +126,40 @@ class RecordStore:
 
     # -- writes ---------------------------------------------------------------------------
 
+    def _write_command(
+        self,
+        op: Op,
+        collection: str,
+        key: str,
+        document: bytes,
+        pre: Preconditions,
+        expect: int | None,
+        stored: repository.StoredRow | None,
+        stored_exists: bool,
+        force: bool,
+    ) -> tuple[list[str], list[Any]]:
+        """The write script's keys and arguments (service/lua/write.lua documents them)."""
+        k = self.keys
+        im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
+        inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
+        keys = [k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead]
+        args = [
+            op.value,
+            document,
+            member(collection, key),
+            im_mode,
+            im_list,
+            inm_mode,
+            inm_list,
+            "" if expect is None else str(expect),
+            "0" if stored is None else "1",
+            "0" if stored is None else str(stored.version),
+            "1" if stored_exists else "0",
+            self.settings.write_delay_ms + 5000,
+            0 if force else self.settings.max_pending,
+        ]
+        return keys, args
+
     async def _call_write(
         self,
         op: Op,
@@ -125,32 +172,82 @@ class RecordStore:
         stored_exists: bool,
         force: bool,
     ) -> list[Any]:
-        k = self.keys
-        m = member(collection, key)
-        im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
-        inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
+        keys, args = self._write_command(
+            op, collection, key, document, pre, expect, stored, stored_exists, force
+        )
         try:
-            result: list[Any] = await self.scripts.write(
-                keys=[k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead],
-                args=[
-                    op.value,
-                    document,
-                    m,
-                    im_mode,
-                    im_list,
-                    inm_mode,
-                    inm_list,
-                    "" if expect is None else str(expect),
-                    "0" if stored is None else "1",
-                    "0" if stored is None else str(stored.version),
-                    "1" if stored_exists else "0",
-                    self.settings.write_delay_ms + 5000,
-                    0 if force else self.settings.max_pending,
-                ],
-            )
+            result: list[Any] = await self.scripts.write(keys=keys, args=args)
         except REDIS_DOWN as exc:
             raise Unavailable("redis", str(exc)) from exc
         return result
+
+    async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteResult]:
+        """Writes to distinct keys in one round trip: the write script for each, in one
+        pipeline. A key that is not cached needs Postgres' version floor first, so it then
+        takes the single-key path (``write``); so does a retry after a Redis restart."""
+        if not calls:
+            return []
+        commands = [
+            self._write_command(
+                c.op, c.collection, c.key, c.document, c.pre, None, None, False, False
+            )
+            for c in calls
+        ]
+        raws = await self._pipelined_scripts(self.scripts.write, commands)
+        results: list[WriteResult | None] = [None] * len(calls)
+        single: list[int] = []
+        wake = False
+        for i, raw in enumerate(raws):
+            if isinstance(raw, NoScriptError) or _s(raw[0]) == "MISS":
+                single.append(i)
+                continue
+            status = Status(_s(raw[0]))
+            if status is not Status.OK:
+                results[i] = WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0)
+                continue
+            wake = wake or _s(raw[3]) == "1"
+            results[i] = WriteResult(Status.OK, int(_s(raw[1])), _s(raw[2]) == "1")
+        if wake:
+            await self._wake()
+        if single:
+            done = await asyncio.gather(
+                *(
+                    self.write(
+                        calls[i].op,
+                        calls[i].collection,
+                        calls[i].key,
+                        calls[i].document,
+                        calls[i].pre,
+                    )
+                    for i in single
+                ),
+                return_exceptions=True,
+            )
+            for i, outcome in zip(single, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                results[i] = outcome
+        return [r for r in results if r is not None]
+
+    async def _pipelined_scripts(
+        self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
+        first (redis-py sends one for Script objects in pipelines). NOSCRIPT (a restarted
+        Redis) comes back per command: the script did not run there."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in commands:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                raws: list[Any] = await pipe.execute(raise_on_error=False)
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        for raw in raws:
+            if isinstance(raw, Exception) and not isinstance(raw, NoScriptError):
+                if isinstance(raw, REDIS_DOWN):
+                    raise Unavailable("redis", str(raw)) from raw
+                raise raw
+        return raws
 
     async def write(
         self,
@@ -247,6 +344,30 @@ class RecordStore:
         if self._on_hit:
             self._on_hit(False)
         return await self._load_once(collection, key)
+
+    async def read_many(self, names: Sequence[tuple[str, str]]) -> list[Record]:
+        """Reads of several keys: the cached ones in one round trip (a pipeline of HMGET),
+        the others through the cache-aside path of ``read``."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for collection, key in names:
+                    pipe.hmget(self.keys.entry(collection, key), ["v", "d", "t", "x"])
+                rows: list[list[Any]] = await pipe.execute()
+        except REDIS_DOWN as exc:
+            raise Unavailable("redis", str(exc)) from exc
+        records: list[Record | None] = [None] * len(names)
+        misses: list[int] = []
+        for i, (v, d, t, x) in enumerate(rows):
+            if v is None:
+                misses.append(i)
+                continue
+            if self._on_hit:
+                self._on_hit(True)
+            records[i] = Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
+        loaded = await asyncio.gather(*(self.read(*names[i]) for i in misses))
+        for i, record in zip(misses, loaded, strict=True):
+            records[i] = record
+        return [r for r in records if r is not None]
 
     async def _load_once(self, collection: str, key: str) -> Record:
         """Concurrent misses of one key in this process share one Postgres read."""

@@ -19,7 +19,7 @@ from service.api.http import is_json, parse_match, read_body, validate_collectio
 from service.api.records import check_write, overflow_through, persist_through
 from service.documents import DocumentError
 from service.errors import Unavailable
-from service.records import Op, Preconditions
+from service.records import Op, Preconditions, WriteCall
 from service.state import AppState
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
@@ -107,12 +107,8 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         if merged is not None:
             out["document"] = orjson.Fragment(merged)
         return out
-    except ApiError as exc:
-        return _error(exc.status, exc.code, exc.message)
-    except DocumentError as exc:
-        return _error(_DOC_STATUS.get(exc.code, 422), exc.code, exc.message)
-    except Unavailable as exc:
-        return _error(503, f"{exc.dependency}_unavailable", str(exc))
+    except (ApiError, DocumentError, Unavailable) as exc:
+        return _failure(exc)
 
 
 @router.post(
@@ -142,17 +138,141 @@ async def batch(request: Request, state: StateDep) -> Response:
         )
     checked = [_validate(i, op) for i, op in enumerate(ops)]
 
-    # Same key: in order. Different keys: concurrently (each op is one atomic write).
+    results = await _execute(state, checked, through=mode == "through")
+    return json_response({"results": results})
+
+
+async def _execute(
+    state: AppState, ops: list[dict[str, Any]], through: bool
+) -> list[dict[str, Any]]:
+    """Same key: in the order given. Different keys: together, in rounds (round r holds
+    each key's r-th operation): a round's puts and deletes go to Redis in one pipeline,
+    its gets in another; patches (read, merge, compare-and-set) and writes through run
+    one by one, concurrently."""
     by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, op in enumerate(checked):
+    for i, op in enumerate(ops):
         by_key[(op["collection"], op["key"])].append(i)
-    results: list[dict[str, Any]] = [{} for _ in checked]
+    rounds: list[list[int]] = []
+    for indexes in by_key.values():
+        for r, i in enumerate(indexes):
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+    results: list[dict[str, Any]] = [{} for _ in ops]
     gate = asyncio.Semaphore(64)
 
-    async def run_key(indexes: list[int]) -> None:
+    async def one(i: int) -> None:
         async with gate:
-            for i in indexes:
-                results[i] = await _run(state, checked[i], mode == "through")
+            results[i] = await _run(state, ops[i], through)
 
-    await asyncio.gather(*(run_key(ix) for ix in by_key.values()))
-    return json_response({"results": results})
+    for indexes in rounds:
+        writes, gets, others = [], [], []
+        for i in indexes:
+            kind = ops[i]["op"]
+            if through or kind == "patch":
+                others.append(i)
+            elif kind == "get":
+                gets.append(i)
+            else:
+                writes.append(i)
+        await asyncio.gather(
+            _pipelined_writes(state, ops, writes, results, through),
+            _pipelined_gets(state, ops, gets, results),
+            *(one(i) for i in others),
+        )
+    return results
+
+
+def _name(op: dict[str, Any]) -> tuple[str, str]:
+    validate_collection(op["collection"])
+    validate_key(op["key"])
+    return op["collection"], op["key"]
+
+
+async def _pipelined_writes(
+    state: AppState,
+    ops: list[dict[str, Any]],
+    indexes: list[int],
+    results: list[dict[str, Any]],
+    through: bool,
+) -> None:
+    calls: list[WriteCall] = []
+    called: list[int] = []
+    for i in indexes:
+        op = ops[i]
+        try:
+            collection, key = _name(op)
+            pre = Preconditions(
+                if_match=parse_match(op.get("if_match"), "If-Match"),
+                if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
+            )
+            if op["op"] == "put":
+                doc = documents.canonical(op["document"], state.settings.max_document_bytes)
+                calls.append(WriteCall(Op.PUT, collection, key, doc, pre))
+            else:
+                calls.append(WriteCall(Op.DELETE, collection, key, b"", pre))
+            called.append(i)
+        except Exception as exc:
+            results[i] = _failure(exc)
+    try:
+        written = await state.store.write_many(calls)
+    except Unavailable as exc:
+        for i in called:
+            results[i] = _failure(exc)
+        return
+    retry: list[int] = []
+    for i, result in zip(called, written, strict=True):
+        if overflow_through(state, result):
+            retry.append(i)  # past MAX_PENDING, configured to write through: one by one
+            continue
+        try:
+            check_write(result)
+        except ApiError as exc:
+            results[i] = _failure(exc)
+            continue
+        status = 204 if ops[i]["op"] == "delete" else 201 if result.created else 200
+        results[i] = {"status": status, "version": result.version}
+    for i in retry:
+        results[i] = await _run(state, ops[i], through)
+
+
+async def _pipelined_gets(
+    state: AppState,
+    ops: list[dict[str, Any]],
+    indexes: list[int],
+    results: list[dict[str, Any]],
+) -> None:
+    names: list[tuple[str, str]] = []
+    asked: list[int] = []
+    for i in indexes:
+        try:
+            names.append(_name(ops[i]))
+            asked.append(i)
+        except Exception as exc:
+            results[i] = _failure(exc)
+    try:
+        records = await state.store.read_many(names) if names else []
+    except Unavailable as exc:
+        for i in asked:
+            results[i] = _failure(exc)
+        return
+    for i, record in zip(asked, records, strict=True):
+        if record.document is None:
+            results[i] = _error(404, "not_found", "No such record.")
+        else:
+            results[i] = {
+                "status": 200,
+                "version": record.version,
+                "document": orjson.Fragment(record.document),
+            }
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    """An operation's own error, as the single-key call would have answered it."""
+    if isinstance(exc, ApiError):
+        return _error(exc.status, exc.code, exc.message)
+    if isinstance(exc, DocumentError):
+        return _error(_DOC_STATUS.get(exc.code, 422), exc.code, exc.message)
+    if isinstance(exc, Unavailable):
+        return _error(503, f"{exc.dependency}_unavailable", str(exc))
+    raise exc

@@ -41,6 +41,77 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
     assert (await api.get("/v1/users/bob")).json() == {"age": 30, "x": 1}
 
 
+async def test_pipelined_rounds_match_single_calls(
+    api: httpx.AsyncClient, pg: asyncpg.Connection, redis: Any
+) -> None:
+    """A round's puts, deletes and gets go to Redis in one pipeline each; keys that only
+    Postgres knows take the single-key path, and a Redis that lost its scripts (SCRIPT
+    FLUSH, as after a restart) is answered like any single call."""
+    await pg.execute(
+        "INSERT INTO records (collection, key, value, version, updated_at) VALUES "
+        "('p', 'stored', '{\"s\": 1}', 500, now()), ('p', 'gone', '{\"g\": 1}', 600, now()),"
+        "('p', 'read', '{\"r\": 1}', 700, now())"
+    )
+    await api.put("/v1/p/cached", json={"c": 1})
+    cached_etag = (await api.get("/v1/p/cached")).headers["etag"]
+    await redis.script_flush()
+    ops: list[dict[str, Any]] = [
+        # Postgres only: the version floor comes from Postgres, If-Match on its version.
+        {
+            "op": "put",
+            "collection": "p",
+            "key": "stored",
+            "document": {"s": 2},
+            "if_match": '"500"',
+        },
+        {"op": "delete", "collection": "p", "key": "gone"},
+        {"op": "get", "collection": "p", "key": "read"},
+        {
+            "op": "put",
+            "collection": "p",
+            "key": "cached",
+            "document": {"c": 2},
+            "if_none_match": "*",
+        },
+        {
+            "op": "put",
+            "collection": "p",
+            "key": "cached",
+            "document": {"c": 3},
+            "if_match": cached_etag,
+        },
+        # One new key, four operations in order.
+        {"op": "put", "collection": "p", "key": "seq", "document": {"n": 1}},
+        {"op": "put", "collection": "p", "key": "seq", "document": {"n": 2}},
+        {"op": "get", "collection": "p", "key": "seq"},
+        {"op": "delete", "collection": "p", "key": "seq"},
+        {"op": "get", "collection": "p", "key": "seq"},
+        {"op": "delete", "collection": "p", "key": "never"},
+    ]
+    r = await api.post("/v1/batch", json={"operations": ops})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert res[0]["status"] == 200 and res[0]["version"] > 500
+    assert res[1]["status"] == 204 and res[1]["version"] > 600
+    assert res[2] == {"status": 200, "version": 700, "document": {"r": 1}}
+    assert res[3]["status"] == 412
+    assert res[4]["status"] == 200 and res[4]["version"] > int(cached_etag.strip('"'))
+    assert res[5]["status"] == 201 and res[6]["status"] == 200
+    assert res[6]["version"] > res[5]["version"]
+    assert res[7] == {"status": 200, "version": res[6]["version"], "document": {"n": 2}}
+    assert res[8]["status"] == 204 and res[8]["version"] > res[6]["version"]
+    assert res[9]["status"] == 404
+    assert res[10]["status"] == 404
+    # The single-key API agrees with every result.
+    assert (await api.get("/v1/p/stored")).json() == {"s": 2}
+    assert (await api.get("/v1/p/gone")).status_code == 404
+    got = await api.get("/v1/p/cached")
+    assert got.json() == {"c": 3} and got.headers["etag"] == f'"{res[4]["version"]}"'
+    assert (await api.get("/v1/p/seq")).status_code == 404
+    stats = (await api.get("/v1/stats")).json()
+    assert stats["pending"] == 4  # stored, gone, cached, seq
+
+
 async def test_batch_writes_are_persisted(
     api: httpx.AsyncClient, worker: Worker, pg: asyncpg.Connection
 ) -> None:
