@@ -103,6 +103,15 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        # labels() validates and looks up its child under a lock on every call: keep them.
+        self._http_children: dict[tuple[str, str, int], Any] = {}
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        child = self._http_children.get((method, route, status))
+        if child is None:
+            child = self.http_latency.labels(method, route, str(status))
+            self._http_children[(method, route, status)] = child
+        child.observe(seconds)
 
     def render(self, stats: dict[str, Any]) -> bytes:
         self._snapshot.stats = stats

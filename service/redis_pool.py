@@ -50,12 +50,11 @@ class LeanConnection(Connection):
         try:
             assert self._writer is not None
             self._writer.writelines(command)
-            if self.socket_timeout:
-                # Only a full socket buffer makes drain() wait; bound that wait.
-                async with asyncio.timeout(self.socket_timeout):
+            # The common case: the kernel took every byte, so there is nothing to drain
+            # (a connection lost meanwhile fails the read that follows).
+            if self._writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self.socket_timeout or None):
                     await self._writer.drain()
-            else:
-                await self._writer.drain()
         except TimeoutError:
             await self.disconnect(nowait=True)
             raise RedisTimeoutError("Timeout writing to socket") from None
@@ -91,8 +90,10 @@ class LeanConnectionPool(ConnectionPool):
         if self._exhausted():
             await self._wait_for_release()
         connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        if connection.is_connected:
+            return connection
         try:
-            await connection.connect()  # type: ignore[no-untyped-call]  # no-op when connected
+            await connection.connect()  # type: ignore[no-untyped-call]
         except BaseException:
             await self.release(connection)
             raise

@@ -4,6 +4,7 @@ on every response and log line, and the latency histogram by route template."""
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import time
 import uuid
@@ -16,6 +17,15 @@ from service.auth import ApiKeys, required_scope
 from service.metrics import Metrics
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# Request ids: a random prefix per process and a counter (unique without a uuid4, which
+# costs a getrandom() system call per request).
+_ID_PREFIX = uuid.uuid4().hex[:8]
+_id_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 class RequestIdFilter(logging.Filter):
@@ -91,7 +101,7 @@ class RequestContext:
             if name == b"x-request-id":
                 rid = value.decode("latin-1")[:128]
                 break
-        rid = rid or uuid.uuid4().hex[:16]
+        rid = rid or _next_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
@@ -110,7 +120,7 @@ class RequestContext:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_latency.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
+            self.metrics.observe_http(
+                scope["method"], template, status, time.perf_counter() - started
             )
             request_id.reset(token)

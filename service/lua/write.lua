@@ -13,7 +13,8 @@ local e = KEYS[1]
 local op = ARGV[1]
 local m = ARGV[3]
 
-local cur = redis.call('HMGET', e, 'v', 't')
+-- 'x' (dead-lettered) and 'a' (attempts) are read only to skip clearing them when absent.
+local cur = redis.call('HMGET', e, 'v', 't', 'x', 'a')
 local cached = cur[1] ~= false
 local exists, curv
 if cached then
@@ -46,7 +47,11 @@ if ARGV[8] ~= '' and ARGV[8] ~= curv then
   return {'CONFLICT', curv}
 end
 
-local pending = redis.call('ZSCORE', KEYS[2], m) or redis.call('HEXISTS', KEYS[3], m) == 1
+-- A key is either dirty or in flight, never both (claim moves it, release puts it back).
+local pending = redis.call('ZSCORE', KEYS[2], m) ~= false
+if not pending then
+  pending = redis.call('HEXISTS', KEYS[3], m) == 1
+end
 if not pending then
   local max_pending = tonumber(ARGV[13])
   if max_pending > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max_pending then
@@ -67,16 +72,21 @@ if op == 'del' then
   redis.call('HDEL', e, 'd', 'x', 'a')
 else
   redis.call('HSET', e, 'v', nvs, 'd', ARGV[2])
-  redis.call('HDEL', e, 't', 'x', 'a')
+  if cur[2] or cur[3] or cur[4] then
+    redis.call('HDEL', e, 't', 'x', 'a')
+  end
 end
 if not cached then
   redis.call('HSET', e, 'p', curv)
 end
--- Dirty entries never expire.
-redis.call('PERSIST', e)
--- A newer write supersedes a dead-lettered one.
-redis.call('HDEL', KEYS[5], m)
-if redis.call('HEXISTS', KEYS[3], m) == 0 then
+-- A pending key already has no TTL (dirty entries never expire), no dead letter (a
+-- dead-lettered key is neither dirty nor in flight until a write or a retry, and both
+-- clear it) and its queue mark: only a clean key needs these.
+if not pending then
+  if cached then
+    redis.call('PERSIST', e)
+  end
+  redis.call('HDEL', KEYS[5], m)
   redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m)
 end
 local schedule = '0'
