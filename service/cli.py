@@ -95,7 +95,7 @@ def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
     from arq.worker import Worker
 
     from service.logs import setup
-    from worker.settings import worker_settings
+    from worker.settings import FlushWorker, worker_settings
 
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
@@ -111,7 +111,7 @@ def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
         # uvloop, as the API runs on: arq takes the current loop (the stock loop's socket
         # writes and selector cost the flush path ~15 % of its CPU in a py-spy profile).
         asyncio.set_event_loop(uvloop.new_event_loop())
-        w = Worker(**worker_settings(settings))
+        w = FlushWorker(**worker_settings(settings))
 
         def stop_claiming(_: object, w: Worker = w) -> None:
             # On SIGTERM/SIGINT: no new batches; running ones finish or are handed back.

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
 
     # Flush path (worker)
     write_delay_ms: int = 1000
-    batch_size: int = 1000
+    # At most 3,000: the scripts pass a batch's keys to one command with unpack(), and
+    # Redis' Lua takes at most 8,000 values that way (claim sends two per key).
+    batch_size: int = Field(default=1000, ge=1, le=3000)
     flush_concurrency: int = 2
     lease_seconds: float = 10.0
     sweep_seconds: int = 5

@@ -14,17 +14,27 @@ local function owned(m)
   return redis.call('HGET', inflight, m) == batch
 end
 
+-- Who holds each committed key, in one call (the loop below does not change inflight).
+local owners = {}
+if n > 0 then
+  local members = {}
+  for j = 1, n do
+    members[j] = ARGV[5 + 2 * j]
+  end
+  owners = redis.call('HMGET', inflight, unpack(members))
+end
+
 local committed = 0
 local handled = {}
 local released = {}
 local i = 7
-for _ = 1, n do
+for j = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
   i = i + 2
   handled[m] = true
   committed = committed + 1
   local e = prefix .. 'e:' .. m
-  local mine = owned(m)
+  local mine = owners[j] == batch
   if mine then
     table.insert(released, m)
   end
