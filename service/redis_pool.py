@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import hiredis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,7 +35,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class LeanConnection(Connection):
-    """A TCP connection whose writes skip ``asyncio.wait_for`` (reads keep the timeout)."""
+    """A TCP connection whose writes skip ``asyncio.wait_for`` (reads keep the timeout)
+    and whose commands are packed by hiredis (in C) instead of redis-py's Python loop."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        # redis-py sends some commands with their subcommand in one argument ("CLIENT
+        # SETNAME", "SCRIPT LOAD"); Redis wants them apart.
+        if isinstance(first, str | bytes) and (
+            " " in first if isinstance(first, str) else b" " in first
+        ):
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # what hiredis does not take (memoryview, bool): redis-py decides
+            return super().pack_command(*args)
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
