@@ -253,7 +253,8 @@ class ProcessGroup:
 # --------------------------------------------------------------------------- CPU
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
     out: list[int] = []
     try:
         entries = os.listdir("/proc")
@@ -272,19 +273,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and its live descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
 def process_cpu_seconds(pid: int) -> float:
     """user+system CPU seconds of ``pid`` and its live descendants (0 if gone)."""
     total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
+    for p in descendants(pid):
         try:
             raw = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()
         total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        todo += _children(p)
     return total
 
 

@@ -55,6 +55,7 @@ from bench.env import (
     ServiceProcess,
     cpu_breakdown,
     database_name,
+    descendants,
     process_cpu_seconds,
     redis_cpu_seconds,
     service_env,
@@ -286,26 +287,6 @@ class Target:
     @property
     def procs(self) -> list[ServiceProcess]:
         return [*self.api, *self.workers]
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and its live descendants."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        children[int(fields[1])].append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def peak_rss_mb(pid: int) -> dict[int, float]:

@@ -96,6 +96,22 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool]:
+    """The write script's reply (not MISS): the result, and whether to schedule a flush."""
+    status = Status(_s(raw[0]))
+    if status is not Status.OK:
+        return WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0), False
+    return WriteResult(Status.OK, int(_s(raw[1])), _s(raw[2]) == "1"), _s(raw[3]) == "1"
+
+
+# What a read takes from an entry: version, document, tombstone flag, dead-letter flag.
+_READ_FIELDS = ["v", "d", "t", "x"]
+
+
+def _cached_record(v: bytes, d: bytes | None, t: bytes | None, x: bytes | None) -> Record:
+    return Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
+
+
 class RecordStore:
     def __init__(
         self,
@@ -160,21 +176,8 @@ class RecordStore:
         ]
         return keys, args
 
-    async def _call_write(
-        self,
-        op: Op,
-        collection: str,
-        key: str,
-        document: bytes,
-        pre: Preconditions,
-        expect: int | None,
-        stored: repository.StoredRow | None,
-        stored_exists: bool,
-        force: bool,
-    ) -> list[Any]:
-        keys, args = self._write_command(
-            op, collection, key, document, pre, expect, stored, stored_exists, force
-        )
+    async def _call_write(self, command: tuple[list[str], list[Any]]) -> list[Any]:
+        keys, args = command
         try:
             result: list[Any] = await self.scripts.write(keys=keys, args=args)
         except REDIS_DOWN as exc:
@@ -201,12 +204,8 @@ class RecordStore:
             if isinstance(raw, NoScriptError) or _s(raw[0]) == "MISS":
                 single.append(i)
                 continue
-            status = Status(_s(raw[0]))
-            if status is not Status.OK:
-                results[i] = WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0)
-                continue
-            wake = wake or _s(raw[3]) == "1"
-            results[i] = WriteResult(Status.OK, int(_s(raw[1])), _s(raw[2]) == "1")
+            results[i], schedule = _write_outcome(raw)
+            wake = wake or schedule
         if wake:
             await self._wake()
         if single:
@@ -263,15 +262,17 @@ class RecordStore:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
         (and existence, for preconditions) and the script runs again."""
         res = await self._call_write(
-            op,
-            collection,
-            key,
-            document,
-            pre,
-            expect,
-            stored,
-            stored is not None and stored.value is not None,
-            force,
+            self._write_command(
+                op,
+                collection,
+                key,
+                document,
+                pre,
+                expect,
+                stored,
+                stored is not None and stored.value is not None,
+                force,
+            )
         )
         if _s(res[0]) == "MISS":
             try:
@@ -283,14 +284,22 @@ class RecordStore:
                     raise
                 stored = repository.StoredRow(None, 0)
             res = await self._call_write(
-                op, collection, key, document, pre, expect, stored, stored.value is not None, force
+                self._write_command(
+                    op,
+                    collection,
+                    key,
+                    document,
+                    pre,
+                    expect,
+                    stored,
+                    stored.value is not None,
+                    force,
+                )
             )
-        status = Status(_s(res[0]))
-        if status is not Status.OK:
-            return WriteResult(status, int(_s(res[1])) if len(res) > 1 else 0)
-        if _s(res[3]) == "1":
+        result, schedule = _write_outcome(res)
+        if schedule:
             await self._wake()
-        return WriteResult(Status.OK, int(_s(res[1])), _s(res[2]) == "1")
+        return result
 
     async def _wake(self) -> None:
         try:
@@ -330,13 +339,13 @@ class RecordStore:
     async def read(self, collection: str, key: str, fill: bool = True) -> Record:
         entry = self.keys.entry(collection, key)
         try:
-            v, d, t, x = await self.redis.hmget(entry, ["v", "d", "t", "x"])  # type: ignore[misc]
+            v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
         except REDIS_DOWN as exc:
             raise Unavailable("redis", str(exc)) from exc
         if v is not None:
             if fill and self._on_hit:
                 self._on_hit(True)
-            return Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
+            return _cached_record(v, d, t, x)
         if not fill:
             row = await self._fetch(collection, key)
             doc = documents.from_postgres(row.value) if row.value is not None else None
@@ -351,7 +360,7 @@ class RecordStore:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for collection, key in names:
-                    pipe.hmget(self.keys.entry(collection, key), ["v", "d", "t", "x"])
+                    pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
                 rows: list[list[Any]] = await pipe.execute()
         except REDIS_DOWN as exc:
             raise Unavailable("redis", str(exc)) from exc
@@ -363,7 +372,7 @@ class RecordStore:
                 continue
             if self._on_hit:
                 self._on_hit(True)
-            records[i] = Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
+            records[i] = _cached_record(v, d, t, x)
         loaded = await asyncio.gather(*(self.read(*names[i]) for i in misses))
         for i, record in zip(misses, loaded, strict=True):
             records[i] = record

@@ -14,19 +14,18 @@ from fastapi import APIRouter, Request, Response
 
 from service import documents
 from service.api.deps import StateDep
-from service.api.errors import ERROR_RESPONSES, ApiError, json_response
+from service.api.errors import DOCUMENT_STATUS, ERROR_RESPONSES, ApiError, json_response
 from service.api.http import is_json, parse_match, read_body, validate_collection, validate_key
 from service.api.records import check_write, overflow_through, persist_through
 from service.documents import DocumentError
 from service.errors import Unavailable
-from service.records import Op, Preconditions, WriteCall
+from service.records import Op, Preconditions, Record, WriteCall, WriteResult
 from service.state import AppState
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
 
 MAX_OPERATIONS = 1000
 _OPS = {"put", "patch", "delete", "get"}
-_DOC_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
 _EXAMPLE = {
     "operations": [
         {"op": "put", "collection": "users", "key": "alice", "document": {"name": "Alice"}},
@@ -61,24 +60,13 @@ def _validate(i: int, op: Any) -> dict[str, Any]:
 
 
 async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, Any]:
-    kind, collection, key = op["op"], op["collection"], op["key"]
+    kind = op["op"]
     try:
-        validate_collection(collection)
-        validate_key(key)
-        pre = Preconditions(
-            if_match=parse_match(op.get("if_match"), "If-Match"),
-            if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
-        )
+        collection, key = _name(op)
+        pre = _preconditions(op)
         max_bytes = state.settings.max_document_bytes
         if kind == "get":
-            record = await state.store.read(collection, key)
-            if record.document is None:
-                return _error(404, "not_found", "No such record.")
-            return {
-                "status": 200,
-                "version": record.version,
-                "document": orjson.Fragment(record.document),
-            }
+            return _read_result(await state.store.read(collection, key))
         merged: bytes | None = None
         if kind == "put":
             doc = documents.canonical(op["document"], max_bytes)
@@ -101,9 +89,7 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         check_write(result)
         if through:
             await persist_through(state, collection, key, result.version)
-        out: dict[str, Any] = {"status": 201 if result.created else 200, "version": result.version}
-        if kind == "delete":
-            out["status"] = 204
+        out = _write_result(kind, result)
         if merged is not None:
             out["document"] = orjson.Fragment(merged)
         return out
@@ -189,6 +175,24 @@ def _name(op: dict[str, Any]) -> tuple[str, str]:
     return op["collection"], op["key"]
 
 
+def _preconditions(op: dict[str, Any]) -> Preconditions:
+    return Preconditions(
+        if_match=parse_match(op.get("if_match"), "If-Match"),
+        if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
+    )
+
+
+def _read_result(record: Record) -> dict[str, Any]:
+    if record.document is None:
+        return _error(404, "not_found", "No such record.")
+    return {"status": 200, "version": record.version, "document": orjson.Fragment(record.document)}
+
+
+def _write_result(kind: str, result: WriteResult) -> dict[str, Any]:
+    status = 204 if kind == "delete" else 201 if result.created else 200
+    return {"status": status, "version": result.version}
+
+
 async def _pipelined_writes(
     state: AppState,
     ops: list[dict[str, Any]],
@@ -202,10 +206,7 @@ async def _pipelined_writes(
         op = ops[i]
         try:
             collection, key = _name(op)
-            pre = Preconditions(
-                if_match=parse_match(op.get("if_match"), "If-Match"),
-                if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
-            )
+            pre = _preconditions(op)
             if op["op"] == "put":
                 doc = documents.canonical(op["document"], state.settings.max_document_bytes)
                 calls.append(WriteCall(Op.PUT, collection, key, doc, pre))
@@ -230,8 +231,7 @@ async def _pipelined_writes(
         except ApiError as exc:
             results[i] = _failure(exc)
             continue
-        status = 204 if ops[i]["op"] == "delete" else 201 if result.created else 200
-        results[i] = {"status": status, "version": result.version}
+        results[i] = _write_result(ops[i]["op"], result)
     for i in retry:
         results[i] = await _run(state, ops[i], through)
 
@@ -257,14 +257,7 @@ async def _pipelined_gets(
             results[i] = _failure(exc)
         return
     for i, record in zip(asked, records, strict=True):
-        if record.document is None:
-            results[i] = _error(404, "not_found", "No such record.")
-        else:
-            results[i] = {
-                "status": 200,
-                "version": record.version,
-                "document": orjson.Fragment(record.document),
-            }
+        results[i] = _read_result(record)
 
 
 def _failure(exc: Exception) -> dict[str, Any]:
@@ -272,7 +265,7 @@ def _failure(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, ApiError):
         return _error(exc.status, exc.code, exc.message)
     if isinstance(exc, DocumentError):
-        return _error(_DOC_STATUS.get(exc.code, 422), exc.code, exc.message)
+        return _error(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
     if isinstance(exc, Unavailable):
         return _error(503, f"{exc.dependency}_unavailable", str(exc))
     raise exc

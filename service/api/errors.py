@@ -82,16 +82,8 @@ def json_response(
     )
 
 
-_DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
-
-
-def unavailable_response(exc: Unavailable) -> Response:
-    return error_response(
-        503,
-        f"{exc.dependency}_unavailable",
-        f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
-        {"Retry-After": "1"},
-    )
+# A document the service cannot store, by DocumentError.code (also per batch operation).
+DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
 
 
 def response_for(exc: Exception) -> Response | None:
@@ -100,9 +92,14 @@ def response_for(exc: Exception) -> Response | None:
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, DocumentError):
-        return error_response(_DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
+        return error_response(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
     if isinstance(exc, Unavailable):
-        return unavailable_response(exc)
+        return error_response(
+            503,
+            f"{exc.dependency}_unavailable",
+            f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
+            {"Retry-After": "1"},
+        )
     return None
 
 
@@ -111,17 +108,13 @@ def unexpected_response(exc: Exception) -> Response:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    async def _expected(_: Request, exc: Exception) -> Response:
+        answer = response_for(exc)
+        assert answer is not None  # registered only for the types response_for answers
+        return answer
 
-    @app.exception_handler(DocumentError)
-    async def _doc(_: Request, exc: DocumentError) -> Response:
-        return error_response(_DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
-
-    @app.exception_handler(Unavailable)
-    async def _unavailable(_: Request, exc: Unavailable) -> Response:
-        return unavailable_response(exc)
+    for kind in (ApiError, DocumentError, Unavailable):
+        app.add_exception_handler(kind, _expected)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
