@@ -24,6 +24,7 @@ RUN pip install --require-hashes --no-deps --requirement requirements.lock
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
+COPY alembic ./alembic
 RUN pip install --no-deps . \
     && pip check
 

@@ -57,7 +57,7 @@ from bench.env import (
     system_cpu_seconds,
 )
 from bench.http import Connection, HttpError, encode_request
-from service.migrate import migrate
+from service.adapters.migrate import migrate
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ import asyncpg
 import redis
 
 from service.config import Settings
-from service.embedded import PostgresServer, RedisServer, free_port
+from service.dev.embedded import PostgresServer, RedisServer, free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_bench"

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from redis.asyncio import ConnectionPool, Redis
 
-from service.redis_pool import LeanConnectionPool
+from service.adapters.redis import LeanConnectionPool
 
 DOC = orjson.dumps({"id": 1, "name": "user-000001", "notes": "x" * 150})
 SCRIPT = "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2]) return {'OK', ARGV[1], '0'}"

@@ -63,8 +63,8 @@ from bench.env import (
     system_cpu_seconds,
 )
 from bench.http import Connection, HttpError, encode_request
-from service.embedded import free_port
-from service.migrate import migrate
+from service.adapters.migrate import migrate
+from service.dev.embedded import free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_bench_suite"

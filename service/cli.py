@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from typing import Annotated, Any
 
@@ -32,8 +31,8 @@ def _settings(redis_url: str | None = None, database_url: str | None = None) -> 
 @app.command()
 def migrate(database_url: DbOpt = None) -> None:
     """Create the database if missing and apply the migrations (alembic upgrade head)."""
-    from service.logs import setup
-    from service.migrate import migrate as run
+    from service.adapters.logs import setup
+    from service.adapters.migrate import migrate as run
 
     settings = _settings(database_url=database_url)
     setup(settings.log_level, settings.log_json)
@@ -52,7 +51,7 @@ def serve(
     """Run the HTTP API (uvicorn with uvloop and httptools)."""
     import uvicorn
 
-    from service.logs import setup
+    from service.adapters.logs import setup
 
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
@@ -63,7 +62,7 @@ def serve(
             host,
         )
     uvicorn.run(
-        "service.app:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=host,
         port=port,
@@ -77,69 +76,15 @@ def serve(
     )
 
 
-def _is_redis_down(exc: BaseException) -> bool:
-    from service.errors import REDIS_DOWN
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (*REDIS_DOWN, OSError)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 @app.command()
 def worker(redis_url: RedisOpt = None, database_url: DbOpt = None) -> None:
     """Run one worker that persists accepted writes (run as many as you like)."""
-    import uvloop
-    from arq.worker import Worker
-
-    from service.logs import setup
-    from worker.settings import FlushWorker, worker_settings
+    from service.adapters.logs import setup
+    from worker.main import run
 
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
-    log = logging.getLogger("wbcache.worker")
-    stopped = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopped
-        stopped = True
-
-    delay = 0.5
-    while True:
-        # uvloop, as the API runs on: arq takes the current loop (the stock loop's socket
-        # writes and selector cost the flush path ~15 % of its CPU in a py-spy profile).
-        asyncio.set_event_loop(uvloop.new_event_loop())
-        w = FlushWorker(**worker_settings(settings))
-
-        def stop_claiming(_: object, w: Worker = w) -> None:
-            # On SIGTERM/SIGINT: no new batches; running ones finish or are handed back.
-            nonlocal stopped
-            stopped = True
-            flusher = w.ctx.get("flusher")
-            if flusher is not None:
-                flusher.stopping = True
-
-        w.on_stop = stop_claiming
-        try:
-            w.run()
-            return
-        except Exception as exc:
-            # arq's poll loop dies when Redis goes away; a worker must outlive an outage.
-            if stopped or not _is_redis_down(exc):
-                raise
-            log.warning("Redis is unreachable (%s); restarting the worker in %.1f s", exc, delay)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            w.loop.remove_signal_handler(sig)
-            signal.signal(sig, on_signal)
-        w.loop.close()
-        deadline = time.monotonic() + delay
-        while not stopped and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if stopped:
-            return
-        delay = min(5.0, delay * 2)
+    run(settings)
 
 
 @app.command()
@@ -150,7 +95,7 @@ def up(
 ) -> None:
     """Everything for a laptop: embedded Redis/Postgres for unset URLs, migrations, API and
     one worker. Ctrl-C drains and stops all of it."""
-    from service.up import run
+    from service.dev.up import run
 
     raise typer.Exit(run(host=host, port=port, data_dir=data_dir))
 
@@ -163,7 +108,6 @@ def healthcheck(
 ) -> None:
     """Exit 0 when healthy: the API answers /healthz, or this machine's worker wrote its
     heartbeat file recently (for container health checks)."""
-    import time
     import urllib.request
 
     if kind == "worker":
@@ -212,8 +156,8 @@ def _print_status(s: dict[str, Any]) -> None:
 
 
 async def _with_redis(settings: Settings, fn: Any) -> Any:
-    from service.connections import create_redis
-    from service.keys import Keys
+    from service.adapters.redis import create_redis
+    from service.core.redis_keys import Keys
 
     redis = create_redis("cli", settings)
     try:
@@ -223,7 +167,7 @@ async def _with_redis(settings: Settings, fn: Any) -> Any:
 
 
 def _collect(settings: Settings) -> dict[str, Any]:
-    from service import stats
+    from service.core import stats
 
     try:
         result: dict[str, Any] = asyncio.run(_with_redis(settings, stats.collect))
@@ -243,7 +187,6 @@ def status(
 ) -> None:
     """Queue depth, lag, dead letters and live workers. Exit 1 when writes are pending
     and no worker is alive."""
-    import time
 
     settings = _settings(redis_url)
     while True:
@@ -271,7 +214,6 @@ def drain(
 ) -> None:
     """Wait until every accepted write is persisted (pending = 0). Exit 0 when drained,
     1 on timeout, 3 when drained but dead letters remain."""
-    import time
 
     settings = _settings(redis_url)
     deadline = time.monotonic() + timeout
@@ -327,8 +269,8 @@ def _items(items: list[str] | None) -> list[tuple[str, str]] | None:
 
 
 def _dead_letters(settings: Settings, action: str, items: list[str] | None) -> Any:
-    from service.deadletters import DeadLetters
-    from service.scripts import Scripts
+    from service.core.deadletters import DeadLetters
+    from service.core.scripts import Scripts
 
     async def run(redis: Any, keys: Any) -> Any:
         dl = DeadLetters(redis, keys, Scripts.register(redis))

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from arq.worker import Worker
 
-from service.app import create_app
+from service.adapters.migrate import migrate
+from service.adapters.redis import create_redis
+from service.api.app import create_app
 from service.config import Settings
-from service.connections import create_redis
-from service.migrate import migrate
 from tests.support.procs import ApiProc, WorkerProc, service_env
 from tests.support.servers import TestServers, recreate_database, start_test_servers
 from worker.settings import worker_settings

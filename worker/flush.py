@@ -8,10 +8,10 @@ import asyncio
 import logging
 from typing import Any
 
-from service import repository
-from service.flusher import Flusher
-from service.keys import Keys
-from service.wakeups import arm_and_schedule
+from service.adapters.arq import arm_and_schedule
+from service.core import repository
+from service.core.flusher import Flusher
+from service.core.redis_keys import Keys
 
 log = logging.getLogger("wbcache.worker")
 

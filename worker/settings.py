@@ -14,14 +14,14 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
-from service.arq_keys import use_prefix
+from service.adapters.arq import FLUSH_JOB, use_prefix
+from service.adapters.postgres import PgPool
+from service.adapters.redis import create_redis
+from service.adapters.redis_check import check_redis_durability
 from service.config import Settings, get_settings
-from service.connections import PgPool, create_redis
-from service.flusher import Flusher
-from service.keys import Keys
-from service.redis_check import check_redis_durability
-from service.scripts import Scripts
-from service.wakeups import FLUSH_JOB
+from service.core.flusher import Flusher
+from service.core.redis_keys import Keys
+from service.core.scripts import Scripts
 from worker.flush import flush, sweep
 
 log = logging.getLogger("wbcache.worker")

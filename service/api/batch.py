@@ -12,15 +12,15 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from service import documents
 from service.api.deps import StateDep
 from service.api.errors import DOCUMENT_STATUS, ERROR_RESPONSES, ApiError, json_response
 from service.api.http import is_json, parse_match, read_body, validate_collection, validate_key
 from service.api.records import check_write, overflow_through, persist_through
-from service.documents import DocumentError
-from service.errors import Unavailable
-from service.records import Op, Preconditions, Record, WriteCall, WriteResult
-from service.state import AppState
+from service.api.state import AppState
+from service.core import documents
+from service.core.documents import DocumentError
+from service.core.errors import Unavailable
+from service.core.records import Op, Preconditions, Record, WriteCall, WriteResult
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
 

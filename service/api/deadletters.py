@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, ApiError, json_response
 from service.api.http import COLLECTION_RE
-from service.errors import REDIS_DOWN, Unavailable
+from service.core.errors import REDIS_DOWN, Unavailable
 
 router = APIRouter(prefix="/v1", tags=["dead letters"], responses=ERROR_RESPONSES)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.state import AppState
+from service.api.state import AppState
 
 
 async def get_state(request: Request) -> AppState:

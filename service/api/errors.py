@@ -13,8 +13,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.documents import DocumentError
-from service.errors import Unavailable
+from service.core.documents import DocumentError
+from service.core.errors import Unavailable
 
 _STATUS_CODES = {
     400: "bad_request",

@@ -9,7 +9,7 @@ from urllib.parse import unquote_to_bytes
 from fastapi import Request
 
 from service.api.errors import ApiError
-from service.records import Match
+from service.core.records import Match
 
 COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_KEY_BYTES = 512

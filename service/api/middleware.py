@@ -3,9 +3,7 @@ on every response and log line, and the latency histogram by route template."""
 
 from __future__ import annotations
 
-import contextvars
 import itertools
-import logging
 import time
 import uuid
 
@@ -13,10 +11,9 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as Scope_
 
-from service.auth import ApiKeys, required_scope
-from service.metrics import Metrics
-
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from service.adapters.logs import request_id
+from service.api.auth import ApiKeys, required_scope
+from service.api.metrics import Metrics
 
 # Request ids: a random prefix per process and a counter (unique without a uuid4, which
 # costs a getrandom() system call per request).
@@ -26,14 +23,6 @@ _id_counter = itertools.count(1)
 
 def _next_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
-
-
-class RequestIdFilter(logging.Filter):
-    """Puts the current request id on every log record (``%(request_id)s``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
 
 
 async def _deny(send: Send, status: int, code: str, message: str) -> None:

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
-from service import stats
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
-from service.errors import REDIS_DOWN, Unavailable
-from service.state import AppState
+from service.api.state import AppState
+from service.core import stats
+from service.core.errors import REDIS_DOWN, Unavailable
 
 router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
 

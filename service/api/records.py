@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
-from service import documents
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
     etag,
@@ -17,9 +16,10 @@ from service.api.http import (
     read_body,
     record_name,
 )
-from service.keys import member
-from service.records import Op, Preconditions, Status, WriteResult
-from service.state import AppState
+from service.api.state import AppState
+from service.core import documents
+from service.core.records import Op, Preconditions, Status, WriteResult
+from service.core.redis_keys import member
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
 

@@ -15,9 +15,9 @@ import pytest
 from arq.worker import Worker
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.adapters.redis import create_redis
 from service.config import Settings
-from service.connections import create_redis
-from service.embedded import RedisServer
+from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_drained, wait_until
 
 if TYPE_CHECKING:  # a class named Test* must not be collected as a test class

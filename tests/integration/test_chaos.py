@@ -23,11 +23,11 @@ import asyncpg
 import httpx
 import pytest
 
+from service.adapters.migrate import migrate
+from service.adapters.redis import create_redis
 from service.config import Settings
-from service.connections import create_redis
-from service.embedded import PostgresServer, RedisServer
-from service.keys import Keys
-from service.migrate import migrate
+from service.core.redis_keys import Keys
+from service.dev.embedded import PostgresServer, RedisServer
 from tests.conftest import wait_until
 from tests.integration.load import Load
 from tests.support.procs import ApiProc, Proc, WorkerProc

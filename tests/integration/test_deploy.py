@@ -39,7 +39,7 @@ from scripts.check_deploy import (
     load_compose,
     parse_duration,
 )
-from service.embedded import free_port
+from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.procs import Proc
 from tests.support.servers import TestServers as Servers

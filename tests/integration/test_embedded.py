@@ -1,4 +1,5 @@
-"""The private Redis / PostgreSQL servers of service.embedded: start, restart, crash, orphans."""
+"""The private Redis / PostgreSQL servers of service.dev.embedded: start, restart, crash,
+orphans."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import asyncpg
 import pytest
 import redis
 
-from service.embedded import EmbeddedServerError, PostgresServer, RedisServer
+from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,7 +141,7 @@ def test_postgres_row_survives_restart_stop_and_kill(tmp_path: Path) -> None:
 ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from service.embedded import {cls}
+from service.dev.embedded import {cls}
 server = {cls}(Path(sys.argv[1]){kwargs})
 server.start()
 print(server.port, server.pid, flush=True)

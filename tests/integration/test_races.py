@@ -18,9 +18,9 @@ import orjson
 import pytest
 from arq.worker import Worker
 
-from service import repository
 from service.config import Settings
-from service.keys import Keys
+from service.core import repository
+from service.core.redis_keys import Keys
 from tests.conftest import running_worker, wait_drained, wait_until
 
 COLLECTION = "race"

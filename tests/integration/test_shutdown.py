@@ -14,10 +14,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.app import build_state
+from service.api.app import build_state
 from service.config import Settings
-from service.records import Op, Status
-from service.repository import StoredRow
+from service.core.records import Op, Status
+from service.core.repository import StoredRow
 from tests.conftest import wait_until
 from tests.support.procs import ApiProc, WorkerProc
 

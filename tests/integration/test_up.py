@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.embedded import free_port
+from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import TestServers as Servers
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from service.embedded import free_port
+from service.dev.embedded import free_port
 
 
 def service_env(redis_url: str, database_url: str, prefix: str, **extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis
 
-from service.embedded import PostgresServer, RedisServer
+from service.dev.embedded import PostgresServer, RedisServer
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_test"

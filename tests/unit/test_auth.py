@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.auth import ApiKeyError, ApiKeys, Scope, required_scope
+from service.api.auth import ApiKeyError, ApiKeys, Scope, required_scope
 
 
 def test_parse_and_scopes() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from service import documents
-from service.documents import DocumentError
+from service.core import documents
+from service.core.documents import DocumentError
 
 
 def test_canonical_sorts_keys_so_postgres_round_trip_is_stable() -> None:

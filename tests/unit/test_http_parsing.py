@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from service.adapters.postgres import asyncpg_dsn, sqlalchemy_url
 from service.api.errors import ApiError
 from service.api.http import is_json, none_match_hits, parse_match
-from service.connections import asyncpg_dsn, sqlalchemy_url
-from service.keys import member, split_member
-from service.records import Match
+from service.core.records import Match
+from service.core.redis_keys import member, split_member
 
 
 def test_star() -> None:

@@ -17,12 +17,12 @@ import asyncpg
 import orjson
 from arq.connections import ArqRedis
 
-from service import metrics, repository
+from service.adapters.postgres import PgPool
 from service.config import Settings
-from service.connections import PgPool
-from service.errors import REDIS_DOWN, is_poison, sqlstate
-from service.keys import Keys, split_member
-from service.scripts import Scripts
+from service.core import histograms, repository
+from service.core.errors import REDIS_DOWN, is_poison, sqlstate
+from service.core.redis_keys import Keys, split_member
+from service.core.scripts import Scripts
 
 log = logging.getLogger("wbcache.flush")
 
@@ -248,8 +248,8 @@ class Flusher:
         duration = time.monotonic() - started
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                metrics.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
-                metrics.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
+                histograms.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
+                histograms.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
                 await pipe.execute()
         except Exception as exc:  # metrics must never fail a flush
             log.debug("could not record flush metrics: %s", exc)

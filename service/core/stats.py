@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from service.keys import Keys
+from service.core.redis_keys import Keys
 
 WORKER_ALIVE_MS = 15_000
 # Pending per collection is counted from the members themselves, up to this many.

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from arq.connections import ArqRedis
 
+from service.adapters.postgres import PgPool
+from service.api.metrics import Metrics
 from service.config import Settings
-from service.connections import PgPool
-from service.deadletters import DeadLetters
-from service.flusher import Flusher
-from service.keys import Keys
-from service.metrics import Metrics
-from service.records import RecordStore
+from service.core.deadletters import DeadLetters
+from service.core.flusher import Flusher
+from service.core.records import RecordStore
+from service.core.redis_keys import Keys
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``wbcache up``: everything for a laptop in one command.
 
 For each of ``REDIS_URL`` / ``DATABASE_URL`` that is unset, an embedded server
-(service.embedded) keeps its data under the data directory; then the migrations, the API
+(service.dev.embedded) keeps its data under the data directory; then the migrations, the API
 (``python -m service.cli serve``) and one worker (``python -m service.cli worker``) as child
 processes.  Ctrl-C or SIGTERM stops the API, lets the worker drain the queue for a bounded
 time, stops the worker, then the embedded servers, and exits 0.
@@ -46,7 +46,7 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from service.embedded import (
+from service.dev.embedded import (
     EmbeddedServerError,
     PostgresServer,
     RedisServer,
@@ -160,7 +160,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _preload() -> None:
-    for module in ("service.migrate", "service.stats", "service.connections"):
+    for module in ("service.adapters.migrate", "service.core.stats", "service.adapters.redis"):
         with contextlib.suppress(Exception):
             importlib.import_module(module)
 
@@ -442,7 +442,7 @@ class Up:
             return
 
         _say(f"migrating {_redact(database_url)}")
-        from service.migrate import migrate
+        from service.adapters.migrate import migrate
 
         self.interruptible = True
         try:
@@ -550,10 +550,10 @@ class Up:
 
     def _pending(self) -> int | None:
         """Writes not yet persisted, or None if Redis cannot say."""
-        from service import stats
+        from service.adapters.redis import create_redis
         from service.config import Settings
-        from service.connections import create_redis
-        from service.keys import Keys
+        from service.core import stats
+        from service.core.redis_keys import Keys
 
         settings = Settings(redis_url=self.redis_url, database_url=self.database_url)
 

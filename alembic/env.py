@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
-from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from alembic import context
 
 MIGRATION_LOCK = 0x77626361  # "wbca"
 
@@ -31,7 +32,7 @@ def _run(connection: Connection) -> None:
 
 async def _main() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
-    assert url, "sqlalchemy.url is set by service.migrate"
+    assert url, "sqlalchemy.url is set by service.adapters.migrate"
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:

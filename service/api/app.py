@@ -13,22 +13,23 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.adapters.postgres import PgPool
+from service.adapters.redis import create_redis
+from service.adapters.redis_check import check_redis_durability
 from service.api import batch, dashboard, deadletters, errors, ops, records
+from service.api.auth import ApiKeys
 from service.api.lane import WbcacheApp, serve_record
+from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
-from service.auth import ApiKeys
+from service.api.state import AppState, HitCounters
 from service.config import Settings, get_settings
-from service.connections import PgPool, create_redis
-from service.deadletters import DeadLetters
-from service.errors import REDIS_DOWN
-from service.flusher import Flusher
-from service.keys import Keys
-from service.metrics import Metrics
-from service.records import RecordStore
-from service.redis_check import check_redis_durability
-from service.repository import ping
-from service.scripts import Scripts
-from service.state import AppState, HitCounters
+from service.core.deadletters import DeadLetters
+from service.core.errors import REDIS_DOWN
+from service.core.flusher import Flusher
+from service.core.records import RecordStore
+from service.core.redis_keys import Keys
+from service.core.repository import ping
+from service.core.scripts import Scripts
 
 log = logging.getLogger("wbcache.app")
 

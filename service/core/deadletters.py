@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 from arq.connections import ArqRedis
 
-from service.keys import Keys, member
-from service.scripts import Scripts
-from service.wakeups import schedule_flush
+from service.adapters.arq import schedule_flush
+from service.core.redis_keys import Keys, member
+from service.core.scripts import Scripts
 
 log = logging.getLogger("wbcache.deadletters")
 

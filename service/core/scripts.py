@@ -14,7 +14,7 @@ from redis.commands.core import AsyncScript
 
 
 def _source(name: str) -> str:
-    return (files("service") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    return (files("service.core") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from service import documents, repository
+from service.adapters.arq import schedule_flush
+from service.adapters.postgres import PgPool
 from service.config import Settings
-from service.connections import PgPool
-from service.errors import REDIS_DOWN, Unavailable, is_postgres_down
-from service.keys import Keys, member
-from service.scripts import Scripts
-from service.wakeups import schedule_flush
+from service.core import documents, repository
+from service.core.errors import REDIS_DOWN, Unavailable, is_postgres_down
+from service.core.redis_keys import Keys, member
+from service.core.scripts import Scripts
 
 log = logging.getLogger("wbcache.records")
 

@@ -3,9 +3,18 @@ line carries the request id (``-`` outside a request)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
-from service.api.middleware import RequestIdFilter
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record (``%(request_id)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
 
 
 def setup(level: str = "INFO", json_format: bool = False) -> None:

@@ -28,10 +28,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import hiredis
+from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.adapters.arq import use_prefix
+from service.adapters.identity import client_name
+from service.config import Settings
 
 
 class LeanConnection(Connection):
@@ -139,3 +144,18 @@ class LeanConnectionPool(ConnectionPool):
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+
+def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
+    """A Redis client that can also enqueue arq jobs (the flush wake-ups)."""
+    use_prefix(settings.redis_prefix)
+    options: dict[str, Any] = {
+        "client_name": client_name(process),
+        "max_connections": settings.redis_max_connections,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+        "health_check_interval": 15,
+    }
+    options.update(kwargs)
+    pool = LeanConnectionPool.from_url(settings.redis_url, **options)
+    return ArqRedis(pool, default_queue_name=f"{settings.redis_prefix}arq:queue")

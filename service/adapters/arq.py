@@ -1,4 +1,7 @@
-"""Put arq's own Redis keys under REDIS_PREFIX.
+"""arq glue: the flush wake-up jobs, and arq's own Redis keys under REDIS_PREFIX.
+
+arq jobs are wake-ups that carry no data: the dirty set in Redis is the queue. A lost
+or failed job only delays a flush until the periodic sweep.
 
 arq hard-codes its key prefixes (``arq:job:``, ``arq:in-progress:``, ``arq:retry:``,
 ``arq:result:``, ``arq:abort``) as module constants that it reads at call time. The contract
@@ -10,10 +13,17 @@ prefix, so setting the constants per process is enough.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import arq.connections
 import arq.constants
 import arq.jobs
 import arq.worker
+from arq.connections import ArqRedis
+
+from service.core.redis_keys import Keys
+
+FLUSH_JOB = "flush"
 
 _NAMES = (
     "job_key_prefix",
@@ -31,3 +41,15 @@ def use_prefix(prefix: str) -> None:
         for name in _NAMES:
             if hasattr(module, name):
                 setattr(module, name, prefix + _ARQ_DEFAULTS[name])
+
+
+async def schedule_flush(redis: ArqRedis, keys: Keys, defer_ms: int) -> None:
+    await redis.enqueue_job(
+        FLUSH_JOB, _queue_name=keys.arq_queue, _defer_by=timedelta(milliseconds=defer_ms)
+    )
+
+
+async def arm_and_schedule(redis: ArqRedis, keys: Keys, defer_ms: int, wake_ttl_ms: int) -> None:
+    """Schedule a flush and mark it scheduled, so writes do not enqueue one each."""
+    await redis.set(keys.wake, "1", px=wake_ttl_ms)
+    await schedule_flush(redis, keys, defer_ms)

@@ -1,39 +1,15 @@
-"""Connection factories. The process name goes into the client name, so API and worker
-connections can be told apart in Redis ``CLIENT LIST`` and ``pg_stat_activity``."""
+"""Postgres connections: URL forms for asyncpg and SQLAlchemy, and a pool that outlives
+outages. The process name goes into ``application_name`` (``pg_stat_activity``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
-from arq.connections import ArqRedis
 
-from service.arq_keys import use_prefix
+from service.adapters.identity import client_name
 from service.config import Settings
-from service.redis_pool import LeanConnectionPool
-
-
-def client_name(process: str) -> str:
-    return f"wbcache-{process}-{socket.gethostname()}-{os.getpid()}"
-
-
-def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
-    """A Redis client that can also enqueue arq jobs (the flush wake-ups)."""
-    use_prefix(settings.redis_prefix)
-    options: dict[str, Any] = {
-        "client_name": client_name(process),
-        "max_connections": settings.redis_max_connections,
-        "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
-        "health_check_interval": 15,
-    }
-    options.update(kwargs)
-    pool = LeanConnectionPool.from_url(settings.redis_url, **options)
-    return ArqRedis(pool, default_queue_name=f"{settings.redis_prefix}arq:queue")
 
 
 def asyncpg_dsn(url: str) -> str:

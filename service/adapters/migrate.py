@@ -1,23 +1,37 @@
 """``wbcache migrate``: create the database if missing, then ``alembic upgrade head``.
 
-The migrations ship inside the package, so this works from an installed wheel."""
+The migrations (the top-level alembic/ folder) ship in the wheel as the package
+``wbcache_migrations``, so this works from an installed wheel too."""
 
 from __future__ import annotations
 
 import asyncio
-from importlib.resources import files
+import importlib.util
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from alembic import command
 from alembic.config import Config
 
-from service.connections import asyncpg_dsn, sqlalchemy_url
+from alembic import command
+from service.adapters.postgres import asyncpg_dsn, sqlalchemy_url
+
+
+def migrations_dir() -> Path:
+    """Where ``wbcache_migrations`` is: alembic/ in a checkout or an editable install, the
+    package's folder in a wheel. (A namespace package: importlib.resources cannot list an
+    editable one on Python 3.11, so take the folder from the import spec.)"""
+    spec = importlib.util.find_spec("wbcache_migrations")
+    assert spec is not None and spec.submodule_search_locations is not None
+    for location in spec.submodule_search_locations:
+        if (Path(location) / "env.py").is_file():
+            return Path(location)
+    raise RuntimeError("the wbcache migrations are not installed (reinstall wbcache)")
 
 
 def alembic_config(database_url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(files("service") / "migrations"))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolation: a literal % in a password must be doubled.
     cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(database_url).replace("%", "%%"))
     return cfg
