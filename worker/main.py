@@ -12,19 +12,10 @@ import uvloop
 from arq.worker import Worker
 
 from service.config import Settings
-from service.core.errors import REDIS_DOWN
+from service.core.errors import redis_unavailable
 from worker.settings import FlushWorker, worker_settings
 
 log = logging.getLogger("wbcache.worker")
-
-
-def _is_redis_down(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (*REDIS_DOWN, OSError)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def run(settings: Settings) -> None:
@@ -56,7 +47,7 @@ def run(settings: Settings) -> None:
             return
         except Exception as exc:
             # arq's poll loop dies when Redis goes away; a worker must outlive an outage.
-            if stopped or not _is_redis_down(exc):
+            if stopped or not redis_unavailable(exc):
                 raise
             log.warning("Redis is unreachable (%s); restarting the worker in %.1f s", exc, delay)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,13 +13,19 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.api.deps import StateDep
-from service.api.errors import DOCUMENT_STATUS, ERROR_RESPONSES, ApiError, json_response
+from service.api.errors import (
+    DOCUMENT_STATUS,
+    ERROR_RESPONSES,
+    ApiError,
+    json_response,
+    unavailable_message,
+)
 from service.api.http import is_json, parse_match, read_body, validate_collection, validate_key
 from service.api.records import check_write, overflow_through, persist_through
 from service.api.state import AppState
 from service.core import documents
 from service.core.documents import DocumentError
-from service.core.errors import Unavailable
+from service.core.errors import classify
 from service.core.records import Op, Preconditions, Record, WriteCall, WriteResult
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
@@ -93,7 +99,7 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         if merged is not None:
             out["document"] = orjson.Fragment(merged)
         return out
-    except (ApiError, DocumentError, Unavailable) as exc:
+    except Exception as exc:  # the operation's own answer; a bug re-raises
         return _failure(exc)
 
 
@@ -217,7 +223,7 @@ async def _pipelined_writes(
             results[i] = _failure(exc)
     try:
         written = await state.store.write_many(calls)
-    except Unavailable as exc:
+    except Exception as exc:  # a bug re-raises in _failure
         for i in called:
             results[i] = _failure(exc)
         return
@@ -252,7 +258,7 @@ async def _pipelined_gets(
             results[i] = _failure(exc)
     try:
         records = await state.store.read_many(names) if names else []
-    except Unavailable as exc:
+    except Exception as exc:  # a bug re-raises in _failure
         for i in asked:
             results[i] = _failure(exc)
         return
@@ -266,6 +272,7 @@ def _failure(exc: Exception) -> dict[str, Any]:
         return _error(exc.status, exc.code, exc.message)
     if isinstance(exc, DocumentError):
         return _error(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
-    if isinstance(exc, Unavailable):
-        return _error(503, f"{exc.dependency}_unavailable", str(exc))
+    unavailable = classify(exc)
+    if unavailable is not None:
+        return _error(503, unavailable.code, unavailable_message(unavailable))
     raise exc

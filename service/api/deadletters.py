@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, ApiError, json_response
 from service.api.http import COLLECTION_RE
-from service.core.errors import REDIS_DOWN, Unavailable
 
 router = APIRouter(prefix="/v1", tags=["dead letters"], responses=ERROR_RESPONSES)
 
@@ -41,17 +40,12 @@ async def list_dead_letters(
         total = await state.dead_letters.count()
     except ValueError as exc:
         raise ApiError(400, "bad_cursor", str(exc)) from exc
-    except REDIS_DOWN as exc:
-        raise Unavailable("redis", str(exc)) from exc
     return json_response({"items": items, "next_cursor": next_cursor or None, "total": total})
 
 
 @router.post("/dead-letters:retry", summary="Put dead letters back in the queue (absent = all)")
 async def retry_dead_letters(state: StateDep, body: ItemsRequest | None = None) -> Response:
-    try:
-        done = await state.dead_letters.retry(_refs(body))
-    except REDIS_DOWN as exc:
-        raise Unavailable("redis", str(exc)) from exc
+    done = await state.dead_letters.retry(_refs(body))
     return json_response({"retried": len(done)})
 
 
@@ -60,8 +54,5 @@ async def retry_dead_letters(state: StateDep, body: ItemsRequest | None = None) 
     summary="Discard dead letters and evict their cached entries (absent = all)",
 )
 async def drop_dead_letters(state: StateDep, body: ItemsRequest | None = None) -> Response:
-    try:
-        done = await state.dead_letters.drop(_refs(body))
-    except REDIS_DOWN as exc:
-        raise Unavailable("redis", str(exc)) from exc
+    done = await state.dead_letters.drop(_refs(body))
     return json_response({"dropped": len(done)})

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.documents import DocumentError
-from service.core.errors import Unavailable
+from service.core.errors import Unavailable, classify
+
+log = logging.getLogger("wbcache.api")
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -86,19 +91,25 @@ def json_response(
 DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 422}
 
 
+def unavailable_message(exc: Unavailable) -> str:
+    return f"{exc.dependency.capitalize()} cannot serve this now ({exc.detail}); retry later."
+
+
 def response_for(exc: Exception) -> Response | None:
-    """The response for the errors the record handlers raise on purpose; None for any
-    other exception (a bug: 500). Used by FastAPI's handlers and by the records lane."""
+    """The response for the errors handlers raise on purpose and for dependency failures
+    (``classify``: 503 + Retry-After); None for any other exception (a bug: 500). Used by
+    FastAPI's handlers and by the records lane."""
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, DocumentError):
         return error_response(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
-    if isinstance(exc, Unavailable):
+    unavailable = classify(exc)
+    if unavailable is not None:
         return error_response(
             503,
-            f"{exc.dependency}_unavailable",
-            f"{exc.dependency.capitalize()} is not answering ({exc.detail}); retry later.",
-            {"Retry-After": "1"},
+            unavailable.code,
+            unavailable_message(unavailable),
+            {"Retry-After": str(unavailable.retry_after)},
         )
     return None
 
@@ -107,13 +118,30 @@ def unexpected_response(exc: Exception) -> Response:
     return error_response(500, "internal_error", f"Unexpected error: {type(exc).__name__}")
 
 
+def answer(exc: Exception) -> Response:
+    """What an exception that reached the edge becomes; a bug is logged with its traceback."""
+    response = response_for(exc)
+    if response is None:
+        log.error("unexpected error", exc_info=exc)
+        response = unexpected_response(exc)
+    return response
+
+
 def install(app: FastAPI) -> None:
     async def _expected(_: Request, exc: Exception) -> Response:
-        answer = response_for(exc)
-        assert answer is not None  # registered only for the types response_for answers
-        return answer
+        return answer(exc)
 
-    for kind in (ApiError, DocumentError, Unavailable):
+    # Dependency errors by their base classes: ``classify`` decides (503 or a bug's 500).
+    # Handled here, in ExceptionMiddleware, not by ServerErrorMiddleware, which re-raises.
+    for kind in (
+        ApiError,
+        DocumentError,
+        Unavailable,
+        RedisError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+    ):
         app.add_exception_handler(kind, _expected)
 
     @app.exception_handler(StarletteHTTPException)

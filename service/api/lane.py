@@ -16,16 +16,13 @@ into responses are answered here by the same function FastAPI's handlers use.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import response_for, unexpected_response
+from service.api.errors import answer
 from service.api.records import delete_record, get_record, patch_record, put_record
-
-log = logging.getLogger("wbcache.api")
 
 Handler = Callable[[Request], Awaitable[Response]]
 HANDLERS: dict[str, Handler] = {
@@ -69,11 +66,7 @@ async def serve_record(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         response = await handler(Request(scope, receive, send))
     except Exception as exc:
-        answer = response_for(exc)
-        if answer is None:
-            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
-            answer = unexpected_response(exc)
-        response = answer
+        response = answer(exc)
     await response(scope, receive, send)
 
 

@@ -15,17 +15,14 @@ from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
 from service.api.state import AppState
 from service.core import stats
-from service.core.errors import REDIS_DOWN, Unavailable
+from service.core.errors import REDIS_DOWN
 
 router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
 
 
 async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:
-    try:
-        await state.flush_counters()
-        return await stats.collect(state.redis, state.keys, raw_counters)
-    except REDIS_DOWN as exc:
-        raise Unavailable("redis", str(exc)) from exc
+    await state.flush_counters()
+    return await stats.collect(state.redis, state.keys, raw_counters)
 
 
 @router.get("/healthz", summary="Liveness: 200 while the process runs")
@@ -56,10 +53,7 @@ async def readyz(state: StateDep) -> Response:
 @router.get("/v1/stats", summary="Queue depth, lag, dead letters, workers, hit ratio")
 async def get_stats(state: StateDep) -> Response:
     s = await current_stats(state)
-    try:
-        per = await stats.pending_by_collection(state.redis, state.keys)
-    except REDIS_DOWN as exc:
-        raise Unavailable("redis", str(exc)) from exc
+    per = await stats.pending_by_collection(state.redis, state.keys)
     s["pending_by_collection"] = per["counts"]
     s["pending_by_collection_exact"] = per["exact"]
     return json_response(s)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import asyncpg
 from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -19,7 +18,7 @@ from service.adapters.arq import schedule_flush
 from service.adapters.postgres import PgPool
 from service.config import Settings
 from service.core import documents, repository
-from service.core.errors import REDIS_DOWN, Unavailable, is_postgres_down
+from service.core.errors import Unavailable, classify
 from service.core.redis_keys import Keys, member
 from service.core.scripts import Scripts
 
@@ -136,9 +135,11 @@ class RecordStore:
             pool = await self.pg.get()
             return await repository.fetch(pool, collection, key)
         except Exception as exc:
-            if is_postgres_down(exc) or isinstance(exc, asyncpg.PostgresError):
-                raise Unavailable("postgres", f"{type(exc).__name__}: {exc}") from exc
-            raise
+            # Classified here, not at the edge: a blind PUT goes on without Postgres.
+            unavailable = classify(exc, talking_to="postgres")
+            if unavailable is None:
+                raise
+            raise unavailable from exc
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -178,10 +179,7 @@ class RecordStore:
 
     async def _call_write(self, command: tuple[list[str], list[Any]]) -> list[Any]:
         keys, args = command
-        try:
-            result: list[Any] = await self.scripts.write(keys=keys, args=args)
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+        result: list[Any] = await self.scripts.write(keys=keys, args=args)
         return result
 
     async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteResult]:
@@ -234,17 +232,12 @@ class RecordStore:
         """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
         first (redis-py sends one for Script objects in pipelines). NOSCRIPT (a restarted
         Redis) comes back per command: the script did not run there."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in commands:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                raws: list[Any] = await pipe.execute(raise_on_error=False)
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in commands:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            raws: list[Any] = await pipe.execute(raise_on_error=False)
         for raw in raws:
             if isinstance(raw, Exception) and not isinstance(raw, NoScriptError):
-                if isinstance(raw, REDIS_DOWN):
-                    raise Unavailable("redis", str(raw)) from raw
                 raise raw
         return raws
 
@@ -338,10 +331,7 @@ class RecordStore:
 
     async def read(self, collection: str, key: str, fill: bool = True) -> Record:
         entry = self.keys.entry(collection, key)
-        try:
-            v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+        v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
         if v is not None:
             if fill and self._on_hit:
                 self._on_hit(True)
@@ -357,13 +347,10 @@ class RecordStore:
     async def read_many(self, names: Sequence[tuple[str, str]]) -> list[Record]:
         """Reads of several keys: the cached ones in one round trip (a pipeline of HMGET),
         the others through the cache-aside path of ``read``."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for collection, key in names:
-                    pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
-                rows: list[list[Any]] = await pipe.execute()
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for collection, key in names:
+                pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
+            rows: list[list[Any]] = await pipe.execute()
         records: list[Record | None] = [None] * len(names)
         misses: list[int] = []
         for i, (v, d, t, x) in enumerate(rows):
@@ -405,20 +392,17 @@ class RecordStore:
             if doc is not None
             else self.settings.negative_ttl_seconds
         )
-        try:
-            installed = await self.scripts.fill(
-                keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
-                args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
+        installed = await self.scripts.fill(
+            keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
+            args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
+        )
+        if not installed:
+            # Something newer reached the cache meanwhile (a write, a delete): use it.
+            v, d, t = await self.redis.hmget(  # type: ignore[misc]
+                self.keys.entry(collection, key), ["v", "d", "t"]
             )
-            if not installed:
-                # Something newer reached the cache meanwhile (a write, a delete): use it.
-                v, d, t = await self.redis.hmget(  # type: ignore[misc]
-                    self.keys.entry(collection, key), ["v", "d", "t"]
-                )
-                if v is not None:
-                    return Record(int(v), None if t == b"1" else d, hit=False)
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+            if v is not None:
+                return Record(int(v), None if t == b"1" else d, hit=False)
         return Record(row.version, doc, hit=False)
 
     # -- invalidation ---------------------------------------------------------------------
@@ -437,20 +421,17 @@ class RecordStore:
             dropped += int(res[0])
             skipped += int(res[1])
 
-        try:
-            if keys is not None:
-                for i in range(0, len(keys), 500):
-                    await run([member(collection, key) for key in keys[i : i + 500]])
-            else:
-                pattern = f"{_glob_escape(k.entry_prefix)}{collection}:*"
-                chunk: list[str] = []
-                async for raw in self.redis.scan_iter(match=pattern, count=1000):
-                    chunk.append(_s(raw)[len(k.entry_prefix) :])
-                    if len(chunk) >= 500:
-                        await run(chunk)
-                        chunk = []
-                if chunk:
+        if keys is not None:
+            for i in range(0, len(keys), 500):
+                await run([member(collection, key) for key in keys[i : i + 500]])
+        else:
+            pattern = f"{_glob_escape(k.entry_prefix)}{collection}:*"
+            chunk: list[str] = []
+            async for raw in self.redis.scan_iter(match=pattern, count=1000):
+                chunk.append(_s(raw)[len(k.entry_prefix) :])
+                if len(chunk) >= 500:
                     await run(chunk)
-        except REDIS_DOWN as exc:
-            raise Unavailable("redis", str(exc)) from exc
+                    chunk = []
+            if chunk:
+                await run(chunk)
         return dropped, skipped

@@ -1,0 +1,76 @@
+"""The one classifier of dependency failures (service/core/errors.py)."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from redis import exceptions as redis_errors
+
+from service.core.errors import Unavailable, classify, redis_unavailable
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (redis_errors.ConnectionError("Connection refused"), "redis_unavailable"),
+        (redis_errors.TimeoutError("Timeout reading from socket"), "redis_unavailable"),
+        (ConnectionResetError("reset by peer"), "redis_unavailable"),
+        (
+            redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+            "redis_full",
+        ),
+        (
+            redis_errors.ResponseError(
+                "Error running script (call to f_1): @user_script:10: OOM command not allowed"
+            ),
+            "redis_full",
+        ),
+        (
+            redis_errors.ReadOnlyError("You can't write against a read only replica."),
+            "redis_readonly",
+        ),
+        (redis_errors.BusyLoadingError("Redis is loading the dataset in memory"), "redis_loading"),
+        (redis_errors.ResponseError("BUSY Redis is busy running a script."), "redis_busy"),
+        (redis_errors.ResponseError("MASTERDOWN Link with MASTER is down"), "redis_unavailable"),
+        (
+            asyncpg.CannotConnectNowError("the database system is starting up"),
+            "postgres_unavailable",
+        ),
+        (asyncpg.InterfaceError("connection is closed"), "postgres_unavailable"),
+    ],
+)
+def test_dependency_failures_are_classified(exc: Exception, code: str) -> None:
+    found = classify(exc)
+    assert found is not None
+    assert found.code == code
+    assert found.retry_after >= 1
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("a bug"),
+        KeyError("a bug"),
+        redis_errors.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"),
+        redis_errors.DataError("Invalid input of type: 'dict'"),
+        asyncpg.DataError("invalid input syntax for type json"),  # poison: dead-lettered
+    ],
+)
+def test_bugs_and_bad_data_are_not_dependency_failures(exc: Exception) -> None:
+    assert classify(exc) is None
+
+
+def test_an_unavailable_error_classifies_as_itself() -> None:
+    exc = Unavailable("postgres", "down", retry_after=3)
+    assert classify(exc) is exc
+
+
+def test_redis_unavailable_looks_through_causes() -> None:
+    try:
+        try:
+            raise redis_errors.ConnectionError("gone")
+        except redis_errors.ConnectionError as inner:
+            raise RuntimeError("arq's poll loop died") from inner
+    except RuntimeError as outer:
+        assert redis_unavailable(outer)
+    assert not redis_unavailable(RuntimeError("a bug"))
