@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,16 @@ import pytest
 import redis
 
 from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer
+from tests.support.servers import data_dir
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """Server data outside pytest's own tmp_path (see tests.support.servers.data_dir)."""
+    with data_dir("wbcache-embedded-test-") as path:
+        yield path
 
 
 def gone(pid: int) -> bool:
@@ -67,14 +76,14 @@ def pg(url: str, *statements: str) -> list[Any]:
     return asyncio.run(run())
 
 
-def test_redis_aof_survives_restart_and_kill(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis")
+def test_redis_aof_survives_restart_and_kill(server_dir: Path) -> None:
+    server = RedisServer(server_dir / "redis")
     with server:
         assert server.url == f"redis://127.0.0.1:{server.port}/0"
         client = redis.Redis.from_url(server.url)
         assert client.set("k", "v1")
         first_pid = server.pid
-        assert first_pid is not None and (tmp_path / "redis" / "wbcache-redis.pid").exists()
+        assert first_pid is not None and (server_dir / "redis" / "wbcache-redis.pid").exists()
 
         server.restart()
         assert server.pid not in (None, first_pid)
@@ -86,7 +95,7 @@ def test_redis_aof_survives_restart_and_kill(tmp_path: Path) -> None:
         assert pid is not None
         server.kill()
         assert server.pid is None and gone(pid) and refused(server.port)
-        assert not (tmp_path / "redis" / "wbcache-redis.pid").exists()
+        assert not (server_dir / "redis" / "wbcache-redis.pid").exists()
 
         server.start()
         assert client.get("k") == b"v2"
@@ -94,18 +103,18 @@ def test_redis_aof_survives_restart_and_kill(tmp_path: Path) -> None:
     assert server.pid is None and refused(server.port)
 
 
-def test_redis_refuses_a_busy_port(tmp_path: Path) -> None:
+def test_redis_refuses_a_busy_port(server_dir: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        server = RedisServer(tmp_path / "redis", port=busy.getsockname()[1])
+        server = RedisServer(server_dir / "redis", port=busy.getsockname()[1])
         with pytest.raises(EmbeddedServerError, match="already listens"):
             server.start()
     assert server.pid is None
 
 
-def test_postgres_row_survives_restart_stop_and_kill(tmp_path: Path) -> None:
-    server = PostgresServer(tmp_path / "pg", fsync=False)
+def test_postgres_row_survives_restart_stop_and_kill(server_dir: Path) -> None:
+    server = PostgresServer(server_dir / "pg", fsync=False)
     server.start()
     try:
         assert server.url == f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
@@ -153,9 +162,9 @@ time.sleep(120)
     ("cls", "kwargs"), [(RedisServer, ""), (PostgresServer, ", fsync=False")], ids=["redis", "pg"]
 )
 def test_cleanup_orphan(
-    tmp_path: Path, cls: type[RedisServer | PostgresServer], kwargs: str
+    server_dir: Path, cls: type[RedisServer | PostgresServer], kwargs: str
 ) -> None:
-    data_dir = tmp_path / "data"
+    data_dir = server_dir / "data"
     script = textwrap.dedent(ORPHAN_SCRIPT).format(cls=cls.__name__, kwargs=kwargs)
     owner = subprocess.Popen(
         [sys.executable, "-c", script, str(data_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True

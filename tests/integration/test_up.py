@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import TestServers as Servers
+from tests.support.servers import data_dir
 
 START_SECONDS = 60.0  # first start runs initdb (fsync on) on a loaded 2-core machine
 STOP_SECONDS = 60.0
@@ -169,9 +168,8 @@ def workdir() -> Iterator[Path]:
     """A working directory outside pytest's tmp_path: every pytest session that starts
     chmods /tmp/pytest-of-<user> back to 0700, which would cut off the embedded Postgres
     (it runs as the ``postgres`` OS user when we are root) if other sessions run at once."""
-    path = Path(tempfile.mkdtemp(prefix="wbcache-up-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with data_dir("wbcache-up-test-") as path:
+        yield path
 
 
 @pytest.fixture

@@ -4,8 +4,11 @@ servers started here. Never the URLs a user runs with (REDIS_URL / DATABASE_URL)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +31,20 @@ class TestServers:
     def close(self) -> None:
         for server in self.owned:
             server.stop()
+
+
+@contextlib.contextmanager
+def data_dir(prefix: str) -> Iterator[Path]:
+    """A directory for throwaway servers' data, removed afterwards, outside pytest's
+    tmp_path: every pytest session that starts as the same user (another one running at the
+    same time, on a shared machine) chmods /tmp/pytest-of-<user> back to 0700, which locks
+    out the ``postgres`` OS user a root-run PostgresServer runs as: initdb then fails with
+    "Permission denied" (on pg_control, or on the data directory itself)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _redis_answers(url: str) -> bool:
