@@ -2,9 +2,10 @@
 
 Two users: the test suite (throwaway servers that it stops, SIGKILLs and restarts) and
 ``wbcache up`` (servers for a laptop whose data lives under a directory that survives
-restarts).  Both servers run as child processes of this Python process, in their own session
-(so a terminal's Ctrl-C reaches only the owner, which decides the stop order), listen on
-127.0.0.1 only, and log to a file in their data directory.
+restarts).  Both servers run in a session of their own (so a terminal's Ctrl-C reaches only
+the owner, which decides the stop order), listen on 127.0.0.1 only, and log to a file in
+their data directory.  Redis is a child of this process; PostgreSQL is started and stopped by
+``pg_ctl -w``.  Process control goes through psutil (service.dev.processes).
 
 Layout of a data directory::
 
@@ -33,18 +34,22 @@ import logging
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, BinaryIO, ClassVar, Self, cast
+
+import psutil
+import redis
+
+from service.dev import processes
 
 __all__ = [
     "EmbeddedServerError",
@@ -60,8 +65,6 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 PG_ROLE = "postgres"
 PG_DATABASE = "postgres"
-
-_LINUX = sys.platform.startswith("linux")
 
 
 class EmbeddedServerError(RuntimeError):
@@ -121,7 +124,7 @@ def find_redis_server() -> Path:
 
 
 def _is_pg_bindir(bindir: Path) -> bool:
-    return _executable(bindir / "postgres") and _executable(bindir / "initdb")
+    return all(_executable(bindir / tool) for tool in ("postgres", "initdb", "pg_ctl"))
 
 
 def _pg_bindir_candidates() -> list[Path]:
@@ -192,86 +195,12 @@ def _listening(port: int, host: str = HOST) -> bool:
         return False
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat from the state on (index 0 = state), or None."""
+def _same_binary(proc: psutil.Process, binary: Path) -> bool:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def _start_ticks(pid: int) -> int | None:
-    fields = _proc_stat(pid) if _LINUX else None
-    return int(fields[19]) if fields else None
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        exe = proc.exe().removesuffix(" (deleted)")
+    except psutil.Error:
         return False
-    except PermissionError:
-        pass
-    if _LINUX:
-        fields = _proc_stat(pid)
-        return fields is not None and fields[0] not in ("Z", "X")
-    return True
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (PostgreSQL children run in sessions of their own, so
-    a process-group kill would miss them)."""
-    children: dict[int, list[int]] = {}
-    if _LINUX:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                fields = _proc_stat(int(entry.name))
-                if fields is not None:
-                    children.setdefault(int(fields[1]), []).append(int(entry.name))
-    else:
-        out = subprocess.run(
-            ["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True
-        ).stdout
-        for line in out.splitlines():
-            child, parent = (int(x) for x in line.split())
-            children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if not any(_alive(p) for p in pids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-
-
-def _same_binary(pid: int, binary: str) -> bool:
-    if _LINUX:
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
-        except OSError:
-            return False
-        return os.path.realpath(exe) == os.path.realpath(binary)
-    out = subprocess.run(
-        ["ps", "-p", str(pid), "-o", "comm="], capture_output=True, text=True
-    ).stdout.strip()
-    return bool(out) and Path(out).name == Path(binary).name
+    return bool(exe) and os.path.realpath(exe) == os.path.realpath(binary)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -297,7 +226,8 @@ def _stop_all_at_exit() -> None:
 
 
 class _ServerProcess:
-    """Common lifecycle of one server child process."""
+    """Common lifecycle of one server process, found again after a restart of its owner
+    through the pid file (pid + start time, so a reused pid is never taken for it)."""
 
     kind: ClassVar[str]
     #: signal asking the server for a clean, quick shutdown
@@ -306,9 +236,8 @@ class _ServerProcess:
     def __init__(self, data_dir: Path, port: int | None) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.port: int = port if port is not None else free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process: psutil.Process | None = None
         self._owner_pid = os.getpid()
-        self._last_error = ""
         self.last_start_seconds: float | None = None
 
     # -- to implement -------------------------------------------------------------------
@@ -317,22 +246,20 @@ class _ServerProcess:
     def binary(self) -> Path:
         raise NotImplementedError
 
-    def _prepare(self, deadline: float) -> None:
-        """Work before the first exec (initdb...)."""
-
-    def _argv(self) -> list[str]:
-        raise NotImplementedError
-
-    def _popen_kwargs(self) -> dict[str, Any]:
-        return {"cwd": str(self.data_dir)}
-
-    def _ready(self, pid: int) -> bool:
-        """True once the server ``pid`` accepts clients on ``self.port``."""
-        raise NotImplementedError
-
     @property
     def url(self) -> str:
         raise NotImplementedError
+
+    def _launch(self, deadline: float) -> None:
+        """Start the server, set ``self._process`` as soon as its pid is known (a failed
+        start kills it) and return once it accepts clients."""
+        raise NotImplementedError
+
+    def _shutdown(self, timeout: float) -> bool:
+        """Clean shutdown; False if the server has not exited within ``timeout``."""
+        assert self._process is not None
+        processes.send([self._process], self.stop_signal)
+        return not processes.wait_gone([self._process], timeout)
 
     # -- files --------------------------------------------------------------------------
 
@@ -348,32 +275,22 @@ class _ServerProcess:
     def pid_path(self) -> Path:
         return self.pid_path_for(self.data_dir)
 
-    def _write_pid_file(self, pid: int) -> None:
-        record = {
-            "pid": pid,
-            "port": self.port,
-            "binary": str(self.binary),
-            "start_ticks": _start_ticks(pid),
-        }
+    def _write_pid_file(self, proc: psutil.Process) -> None:
+        record = {**processes.identity(proc), "port": self.port, "binary": str(self.binary)}
         tmp = self.pid_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(self.pid_path)
 
     @classmethod
-    def _orphan_pid(cls, data_dir: Path) -> int | None:
-        """The pid recorded in ``data_dir``'s pid file if that process is still this server."""
+    def _orphan(cls, data_dir: Path) -> psutil.Process | None:
+        """The process recorded in ``data_dir``'s pid file if it is still that server."""
         try:
             record = json.loads(cls.pid_path_for(data_dir).read_text())
-            pid = int(record["pid"])
-            binary = str(record["binary"])
-            ticks = record.get("start_ticks")
+            binary = Path(record["binary"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if not _alive(pid) or not _same_binary(pid, binary):
-            return None
-        if ticks is not None and _start_ticks(pid) not in (None, ticks):
-            return None  # pid reused by another process of the same binary
-        return pid
+        proc = processes.recorded(record)
+        return proc if proc is not None and _same_binary(proc, binary) else None
 
     @classmethod
     def cleanup_orphan(cls, data_dir: Path, timeout: float = 20) -> int | None:
@@ -381,29 +298,21 @@ class _ServerProcess:
         stopping it: ask it to shut down cleanly, SIGKILL it (and its children) after
         ``timeout``.  Returns the pid it stopped, or None if there was none (a stale pid
         file is removed)."""
-        pid = cls._orphan_pid(Path(data_dir))
-        if pid is None:
-            cls.pid_path_for(Path(data_dir)).unlink(missing_ok=True)
-            return None
-        log.warning("stopping orphan %s server pid %d (data dir %s)", cls.kind, pid, data_dir)
-        family = [pid, *_descendants(pid)]
-        _signal(pid, cls.stop_signal)
-        if not _wait_gone(family, timeout):
-            for p in [pid, *_descendants(pid)]:
-                _signal(p, signal.SIGKILL)
-            if not _wait_gone(family, 10):
-                raise EmbeddedServerError(f"orphan {cls.kind} pid {pid} survived SIGKILL")
+        proc = cls._orphan(Path(data_dir))
+        if proc is not None:
+            log.warning("stopping orphan %s pid %d (data dir %s)", cls.kind, proc.pid, data_dir)
+            if processes.stop([proc], cls.stop_signal, timeout):
+                raise EmbeddedServerError(f"orphan {cls.kind} pid {proc.pid} survived SIGKILL")
         cls.pid_path_for(Path(data_dir)).unlink(missing_ok=True)
-        return pid
+        return None if proc is None else proc.pid
 
     # -- lifecycle ----------------------------------------------------------------------
 
     @property
     def pid(self) -> int | None:
         """Pid of the running server, None when it is not running."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
+        proc = self._process
+        return proc.pid if proc is not None and processes.alive(proc) else None
 
     @property
     def running(self) -> bool:
@@ -414,84 +323,45 @@ class _ServerProcess:
         if self.running:
             return
         started = time.monotonic()
-        deadline = started + timeout
         self._reap()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        orphan = self._orphan_pid(self.data_dir)
+        orphan = self._orphan(self.data_dir)
         if orphan is not None:
             raise EmbeddedServerError(
-                f"a {self.kind} server (pid {orphan}) left by an earlier process still runs on "
-                f"{self.data_dir}; call {type(self).__name__}.cleanup_orphan() first"
+                f"a {self.kind} server (pid {orphan.pid}) left by an earlier process still runs "
+                f"on {self.data_dir}; call {type(self).__name__}.cleanup_orphan() first"
             )
         if _listening(self.port):
             raise EmbeddedServerError(f"something already listens on {HOST}:{self.port}")
-        self._prepare(deadline)
-        argv = self._argv()
-        with open(self.log_path, "ab") as logfile:
-            logfile.write(f"--- wbcache: starting {' '.join(argv)}\n".encode())
-            logfile.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self._popen_kwargs(),
-            )
-        self._proc = proc
         self._owner_pid = os.getpid()
         _RUNNING.add(self)
         try:
-            self._write_pid_file(proc.pid)
-            while not self._ready(proc.pid):
-                if proc.poll() is not None:
-                    raise EmbeddedServerError(
-                        f"{self.kind} exited with code {proc.returncode} while starting; "
-                        f"log {self.log_path}:\n{_tail(self.log_path)}"
-                    )
-                if time.monotonic() >= deadline:
-                    raise EmbeddedServerError(
-                        f"{self.kind} not ready on port {self.port} after {timeout:g}s "
-                        f"({self._last_error}); log {self.log_path}:\n{_tail(self.log_path)}"
-                    )
-                time.sleep(0.02)
+            self._launch(started + timeout)
         except BaseException:
             self.kill()
             raise
         self.last_start_seconds = time.monotonic() - started
         log.info(
-            "%s pid %d ready at %s in %.2fs",
-            self.kind,
-            proc.pid,
-            self.url,
-            self.last_start_seconds,
+            "%s pid %s ready at %s in %.2fs", self.kind, self.pid, self.url, self.last_start_seconds
         )
+
+    def _log_header(self, logfile: BinaryIO, argv: Sequence[str]) -> None:
+        logfile.write(f"--- wbcache: {shlex.join(argv)}\n".encode())
+        logfile.flush()
 
     def stop(self, timeout: float = 20) -> None:
         """Clean shutdown; SIGKILL if the server has not exited after ``timeout``."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            _signal(proc.pid, self.stop_signal)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "%s pid %d ignored %s; killing it", self.kind, proc.pid, self.stop_signal
-                )
-                self.kill()
-                return
+        if self.running and not self._shutdown(timeout):
+            log.warning("%s pid %s did not stop in %gs; killing it", self.kind, self.pid, timeout)
+            self.kill()
         self._reap()
 
     def kill(self) -> None:
         """SIGKILL the server and its children (a crash); returns once they are gone."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            family = [proc.pid, *_descendants(proc.pid)]
-            for pid in family:
-                _signal(pid, signal.SIGKILL)
-            proc.wait()
-            if not _wait_gone(family, 10):
-                raise EmbeddedServerError(f"{self.kind} processes {family} survived SIGKILL")
+        if self._process is not None:
+            left = processes.kill_tree(self._process)
+            if left:
+                raise EmbeddedServerError(f"{self.kind} processes {left} survived SIGKILL")
         self._reap()
 
     def restart(self, timeout: float | None = None) -> None:
@@ -503,9 +373,10 @@ class _ServerProcess:
             self.start(timeout)
 
     def _reap(self) -> None:
-        if self._proc is not None:
-            self._proc.poll()
-            self._proc = None
+        if self._process is not None:
+            with contextlib.suppress(psutil.Error):
+                self._process.wait(0)  # collects the exit status of our own child
+            self._process = None
             self.pid_path.unlink(missing_ok=True)
         _RUNNING.discard(self)
 
@@ -529,7 +400,8 @@ class _ServerProcess:
 
 
 class RedisServer(_ServerProcess):
-    """A private ``redis-server`` (or bundled ``valkey-server``) on 127.0.0.1.
+    """A private ``redis-server`` (or bundled ``valkey-server``) on 127.0.0.1, a child of
+    this process in a session of its own.
 
     No RDB snapshots (``--save ""``); with ``appendonly`` (the default) every write goes to
     the AOF in ``data_dir`` with ``appendfsync everysec``, so data survives stop/start and a
@@ -566,89 +438,70 @@ class RedisServer(_ServerProcess):
     def _argv(self) -> list[str]:
         return [
             str(self.binary),
-            "--port",
-            str(self.port),
-            "--bind",
-            HOST,
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "everysec",
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
+            *("--port", str(self.port), "--bind", HOST, "--dir", str(self.data_dir)),
+            *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
+            *("--appendfsync", "everysec", "--daemonize", "no", "--logfile", ""),
             *self.extra_args,
         ]
 
-    def _ready(self, pid: int) -> bool:
-        # PING answers +PONG once the dataset is loaded (-LOADING before); INFO's process_id
-        # proves that the answer comes from our child and not from a stranger on the port.
+    def _launch(self, deadline: float) -> None:
+        argv = self._argv()
+        with open(self.log_path, "ab") as logfile:
+            self._log_header(logfile, argv)
+            # psutil.Popen: a subprocess.Popen that is also the psutil.Process of the child
+            self._process = child = psutil.Popen(
+                argv,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._write_pid_file(child)
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=2)
         try:
-            with socket.create_connection((HOST, self.port), timeout=2) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
-                reader = sock.makefile("rb")
-                if not reader.readline().startswith(b"+PONG"):
-                    return False
-                header = reader.readline()
-                if not header.startswith(b"$"):
-                    return False
-                info = reader.read(int(header[1:]))
-        except (OSError, ValueError):
-            return False
-        match = re.search(rb"process_id:(\d+)", info)
-        if match is None or int(match.group(1)) != pid:
-            raise EmbeddedServerError(f"another server answers on {HOST}:{self.port}")
-        return True
+            while True:
+                if child.poll() is not None:
+                    raise EmbeddedServerError(
+                        f"redis exited with code {child.returncode} while starting; "
+                        f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                try:
+                    # PING fails with LOADING until the AOF is read; INFO's process_id
+                    # proves that the answer comes from our child, not a stranger on the port
+                    client.ping()
+                    info = cast(dict[str, Any], client.info("server"))
+                    if int(info["process_id"]) != child.pid:
+                        raise EmbeddedServerError(f"another server answers on {HOST}:{self.port}")
+                    return
+                except redis.RedisError as exc:
+                    if time.monotonic() >= deadline:
+                        raise EmbeddedServerError(
+                            f"redis not ready on port {self.port} ({exc}); "
+                            f"log {self.log_path}:\n{_tail(self.log_path)}"
+                        ) from None
+                time.sleep(0.02)
+        finally:
+            client.close()
 
 
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _pg_ready(port: int) -> tuple[bool, str]:
-    """Protocol-3 startup as role ``postgres`` over TCP: (accepting?, last error message)."""
-    body = struct.pack("!I", 196608) + f"user\0{PG_ROLE}\0database\0{PG_DATABASE}\0\0".encode()
-    try:
-        with socket.create_connection((HOST, port), timeout=2) as sock:
-            sock.sendall(struct.pack("!I", len(body) + 4) + body)
-            reader = sock.makefile("rb")
-            while True:
-                header = reader.read(5)
-                if len(header) < 5:
-                    return False, "connection closed"
-                (length,) = struct.unpack("!I", header[1:])
-                payload = reader.read(length - 4)
-                kind = header[:1]
-                if kind == b"E":
-                    fields = {
-                        f[:1]: f[1:].decode(errors="replace") for f in payload.split(b"\0") if f
-                    }
-                    return False, f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}"
-                if kind == b"R" and struct.unpack("!I", payload[:4])[0] != 0:
-                    raise EmbeddedServerError("postgres asks for a password: not trust auth")
-                if kind == b"Z":
-                    sock.sendall(b"X\0\0\0\x04")
-                    return True, ""
-    except OSError as exc:
-        return False, str(exc)
-
-
 class PostgresServer(_ServerProcess):
     """A private PostgreSQL cluster in ``data_dir/pgdata``, on 127.0.0.1 TCP only (no unix
-    socket), trust auth, superuser role ``postgres``.
+    socket), trust auth, superuser role ``postgres``; started and stopped by ``pg_ctl -w``
+    (which waits until the server accepts connections, or has shut down).  The postmaster
+    runs in a session of its own; its pid comes from ``postmaster.pid``.
 
-    As root, initdb and postgres run as the OS user ``os_user`` (default ``postgres``, else
-    ``nobody``), which owns ``pgdata``; directories above it that this user cannot search
-    get the o+x bit (search only, no listing).  ``fsync=False`` is for throwaway test
-    servers; ``settings`` are extra ``-c name=value`` server settings.
+    As root, initdb and pg_ctl run as the OS user ``os_user`` (default ``postgres``, else
+    ``nobody``), which owns ``pgdata`` and the log; directories above it that this user
+    cannot search get the o+x bit (search only, no listing).  ``fsync=False`` is for
+    throwaway test servers; ``settings`` are extra ``-c name=value`` server settings.
     """
 
     kind = "postgres"
-    stop_signal = signal.SIGINT  # "fast" shutdown
+    stop_signal = signal.SIGINT  # "fast" shutdown (pg_ctl stop -m fast sends the same)
 
     def __init__(
         self,
@@ -701,80 +554,105 @@ class PostgresServer(_ServerProcess):
                     raise EmbeddedServerError(f"no OS user {self.os_user!r}") from None
         raise EmbeddedServerError("running as root and no 'postgres' or 'nobody' user exists")
 
-    def _popen_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"cwd": str(self.pgdata)}
+    def _run(self, argv: list[str], timeout: float) -> int:
+        """Run a PostgreSQL tool (as the server's OS user), its output to the log."""
+        kwargs: dict[str, Any] = {}
         user = self._run_as()
         if user is not None:
             kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
             kwargs["env"] = {**os.environ, "HOME": str(self.pgdata), "USER": user.pw_name}
-        return kwargs
+        with open(self.log_path, "ab") as logfile:
+            self._log_header(logfile, argv)
+            try:
+                return subprocess.run(
+                    argv,
+                    cwd=self.pgdata,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    timeout=max(timeout, 1) + 5,
+                    **kwargs,
+                ).returncode
+            except subprocess.TimeoutExpired as exc:
+                raise EmbeddedServerError(f"{argv[0]} timed out; log {self.log_path}") from exc
 
     def _prepare(self, deadline: float) -> None:
+        """Ownership and permissions for the OS user, then initdb on the first start."""
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        self.log_path.touch()
         user = self._run_as()
         if user is not None:
             _make_searchable(self.pgdata.parent, user)
             _make_searchable(self.bindir.parent, user)
+            # pg_ctl -l: the server's shell (as that user) appends to the log
+            os.chown(self.log_path, user.pw_uid, user.pw_gid)
             if self.pgdata.stat().st_uid != user.pw_uid:
                 for path in [self.pgdata, *self.pgdata.rglob("*")]:
                     os.lchown(path, user.pw_uid, user.pw_gid)
         if (self.pgdata / "PG_VERSION").exists():
             return
-        argv = [
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.pgdata),
-            "-U",
-            PG_ROLE,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-        ]
+        argv = [str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", PG_ROLE]
+        argv += ["--auth=trust", "--encoding=UTF8", "--locale=C"]
         if not self.fsync:
             argv.append("--no-sync")
-        with open(self.log_path, "ab") as logfile:
-            logfile.write(f"--- wbcache: {' '.join(argv)}\n".encode())
-            logfile.flush()
-            try:
-                result = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    timeout=max(deadline - time.monotonic(), 1),
-                    **self._popen_kwargs(),
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise EmbeddedServerError(f"initdb timed out; log {self.log_path}") from exc
-        if result.returncode != 0:
+        code = self._run(argv, deadline - time.monotonic())
+        if code != 0:
             raise EmbeddedServerError(
-                f"initdb failed ({result.returncode}); log {self.log_path}:\n{_tail(self.log_path)}"
+                f"initdb failed ({code}); log {self.log_path}:\n{_tail(self.log_path)}"
             )
 
-    def _argv(self) -> list[str]:
+    def _postmaster(self, since: float) -> psutil.Process | None:
+        """The live postmaster named by ``postmaster.pid`` (its first line) if it started
+        after ``since`` (a file left by a killed server may name a pid now reused)."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        proc = processes.find(pid)
+        if proc is None or not processes.alive(proc) or not _same_binary(proc, self.binary):
+            return None
+        # create_time rests on the boot time in whole seconds: allow for its rounding
+        return proc if proc.create_time() >= since - 5 else None
+
+    def _launch(self, deadline: float) -> None:
+        self._prepare(deadline)
         settings = {
             "listen_addresses": HOST,
             "unix_socket_directories": "",
             "fsync": "on" if self.fsync else "off",
             **self.settings,
         }
-        argv = [str(self.binary), "-D", str(self.pgdata), "-p", str(self.port)]
+        options = ["-p", str(self.port)]
         for name, value in settings.items():
-            argv += ["-c", f"{name}={value}"]
-        return argv
+            options += ["-c", f"{name}={value}"]
+        seconds = max(int(deadline - time.monotonic()), 1)
+        launched = time.time()
+        argv = [str(self.bindir / "pg_ctl"), "start", "-w", "-t", str(seconds)]
+        argv += ["-D", str(self.pgdata), "-l", str(self.log_path), "-o", shlex.join(options)]
+        code = self._run(argv, seconds)
+        # Set before judging the start: a postmaster that pg_ctl gave up on is killed.
+        self._process = self._postmaster(launched)
+        if code != 0 or self._process is None:
+            raise EmbeddedServerError(
+                f"pg_ctl start failed ({code}) on port {self.port}; "
+                f"log {self.log_path}:\n{_tail(self.log_path)}"
+            )
+        self._write_pid_file(self._process)
 
-    def _ready(self, pid: int) -> bool:
-        ok, self._last_error = _pg_ready(self.port)
-        if not ok:
-            return False
-        # postmaster.pid names the postmaster that owns this cluster: proves it is our child
-        try:
-            owner = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return False
-        if owner != pid:
-            raise EmbeddedServerError(f"another postgres (pid {owner}) owns {self.pgdata}")
-        return True
+    def kill(self) -> None:
+        postmaster = self._process
+        super().kill()
+        if postmaster is not None:
+            # Postgres refuses to start while the pid in postmaster.pid exists, and a zombie
+            # does: wait until its parent (PID 1 or a subreaper: pg_ctl has exited) reaps it.
+            processes.wait_gone([postmaster], 10, reaped=True)
+
+    def _shutdown(self, timeout: float) -> bool:
+        seconds = str(max(int(timeout), 1))
+        argv = [str(self.bindir / "pg_ctl"), "stop", "-w", "-m", "fast", "-t", seconds]
+        code = self._run([*argv, "-D", str(self.pgdata)], timeout)
+        assert self._process is not None
+        return code == 0 and not processes.wait_gone([self._process], 1)
 
 
 def _make_searchable(directory: Path, user: pwd.struct_passwd) -> None:

@@ -20,6 +20,7 @@ Every child runs in a session of its own, so a terminal's Ctrl-C reaches only ``
 decides the order.  When ``up`` itself was SIGKILLed, its children live on; the next ``up``
 on the same directory finds them through ``up.json`` and the servers' pid files (checking
 the command line and start time, so a reused pid is never killed) and stops them first.
+Process control goes through psutil (service.dev.processes).
 """
 
 from __future__ import annotations
@@ -46,15 +47,10 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from service.dev.embedded import (
-    EmbeddedServerError,
-    PostgresServer,
-    RedisServer,
-    _alive,
-    _descendants,
-    _start_ticks,
-    free_port,
-)
+import psutil
+
+from service.dev import processes
+from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer, free_port
 
 DATABASE = "wbcache"
 API_START_SECONDS = 60.0
@@ -124,25 +120,12 @@ def _http_base(host: str, port: int) -> str:
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
-
-
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -174,7 +157,7 @@ class _Child:
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
-    start_ticks: int | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
     offset: int = 0
     partial: bytes = b""
     forward: bool = True
@@ -193,7 +176,7 @@ class _Child:
                 env=env,
                 start_new_session=True,
             )
-        self.start_ticks = _start_ticks(self.popen.pid)
+        self.identity = processes.identity(self.popen.pid)
 
     @property
     def pid(self) -> int | None:
@@ -204,7 +187,7 @@ class _Child:
         return self.popen is not None and self.popen.poll() is None
 
     def record(self) -> dict[str, Any]:
-        return {"pid": self.pid, "start_ticks": self.start_ticks, "argv": self.argv}
+        return {**self.identity, "argv": self.argv}
 
     def pump(self, out: TextIO) -> None:
         """Forward the log lines written since the last call, prefixed with the name."""
@@ -232,33 +215,27 @@ class _Child:
         if not self.running:
             return
         assert self.popen is not None
-        _signal(self.popen.pid, signal.SIGTERM)
+        self.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while self.popen.poll() is None:
             if time.monotonic() >= deadline or next(hurry):
                 _say(f"{self.name} (pid {self.popen.pid}) did not stop; killing it")
-                for pid in [self.popen.pid, *_descendants(self.popen.pid)]:
-                    _signal(pid, signal.SIGKILL)
+                processes.kill_tree(self.popen.pid)
                 self.popen.wait(10)
                 break
             time.sleep(0.05)
 
 
-def _same_process(record: dict[str, Any]) -> int | None:
-    """The pid of a child recorded in up.json if that very process still runs."""
+def _same_process(record: dict[str, Any]) -> psutil.Process | None:
+    """A child recorded in up.json if that very process still runs (same pid, start time
+    and command line)."""
+    proc = processes.recorded(record)
     try:
-        pid = int(record["pid"])
-        argv = [str(a) for a in record["argv"]]
-        ticks = record.get("start_ticks")
-    except (KeyError, TypeError, ValueError):
+        if proc is None or proc.cmdline() != [str(a) for a in record["argv"]]:
+            return None
+    except (psutil.Error, KeyError, TypeError):
         return None
-    if pid <= 1 or pid == os.getpid() or not _alive(pid):
-        return None
-    if ticks is not None and _start_ticks(pid) != ticks:
-        return None  # the pid now belongs to a process started later
-    if _cmdline(pid) != argv:
-        return None
-    return pid
+    return proc
 
 
 class Up:
@@ -359,29 +336,18 @@ class Up:
         first (the worker hands back its batch to Redis), then the embedded servers."""
         state = _read_json(self.state_path)
         children = state.get("children")
-        orphans: dict[str, int] = {}
+        orphans: dict[str, psutil.Process] = {}
         if isinstance(children, dict):
             for name, record in children.items():
-                pid = _same_process(record) if isinstance(record, dict) else None
-                if pid is not None:
-                    orphans[str(name)] = pid
+                proc = _same_process(record) if isinstance(record, dict) else None
+                if proc is not None:
+                    orphans[str(name)] = proc
         if orphans:
-            listed = ", ".join(f"{name} pid {pid}" for name, pid in orphans.items())
+            listed = ", ".join(f"{name} pid {proc.pid}" for name, proc in orphans.items())
             _say(f"stopping what a previous `wbcache up` left running: {listed}")
-            for pid in orphans.values():
-                _signal(pid, signal.SIGTERM)
-            deadline = time.monotonic() + ORPHAN_STOP_SECONDS
-            while any(_alive(p) for p in orphans.values()) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for pid in orphans.values():
-                if _alive(pid):
-                    for p in [pid, *_descendants(pid)]:
-                        _signal(p, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while any(_alive(p) for p in orphans.values()):
-                if time.monotonic() >= deadline:
-                    raise UpError(f"processes of a previous run survived SIGKILL: {listed}")
-                time.sleep(0.05)
+            # SIGTERM: the worker hands its batch back to Redis before it exits
+            if processes.stop(list(orphans.values()), signal.SIGTERM, ORPHAN_STOP_SECONDS):
+                raise UpError(f"processes of a previous run survived SIGKILL: {listed}")
         self.state_path.unlink(missing_ok=True)
         for cls, sub in ((RedisServer, "redis"), (PostgresServer, "postgres")):
             pid = cls.cleanup_orphan(self.data_dir / sub)
@@ -408,8 +374,7 @@ class Up:
         _write_json(
             self.state_path,
             {
-                "pid": os.getpid(),
-                "start_ticks": _start_ticks(os.getpid()),
+                **processes.identity(os.getpid()),
                 "children": {
                     c.name: c.record() for c in (self.api, self.worker) if c.pid is not None
                 },

@@ -4,7 +4,6 @@ orphans."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import asyncpg
 import pytest
 import redis
 
+from service.dev import processes
 from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer
 from tests.support.servers import data_dir
 
@@ -32,29 +32,9 @@ def server_dir() -> Iterator[Path]:
 
 
 def gone(pid: int) -> bool:
-    """True if ``pid`` no longer exists (or is a zombie nobody reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state in ("Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except OSError:
-                continue
-            if int(ppid) == pid:
-                found.append(int(entry.name))
-    return found
+    """True if ``pid`` no longer runs (a zombie nobody reaped yet counts as gone)."""
+    proc = processes.find(pid)
+    return proc is None or not processes.alive(proc)
 
 
 def refused(port: int) -> bool:
@@ -136,10 +116,11 @@ def test_postgres_row_survives_restart_stop_and_kill(server_dir: Path) -> None:
         # a crash of the postmaster and all its children, then crash recovery
         pid = server.pid
         assert pid is not None
-        family = [pid, *children(pid)]
+        family = processes.tree(pid)
         assert len(family) > 1
         server.kill()
-        assert server.pid is None and all(gone(p) for p in family) and refused(server.port)
+        assert server.pid is None and refused(server.port)
+        assert not any(processes.alive(p) for p in family)
         server.start()
         assert pg(server.url, "SELECT count(*) AS n FROM t")[0][0]["n"] == 1
     finally:

@@ -12,11 +12,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
+from service.dev import processes
 from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import TestServers as Servers
@@ -26,42 +28,22 @@ START_SECONDS = 60.0  # first start runs initdb (fsync on) on a loaded 2-core ma
 STOP_SECONDS = 60.0
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
+Identity = dict[str, Any]  # processes.identity(): pid and start time
+Started = dict[str, Identity]
 
 
-def start_ticks(pid: int) -> int | None:
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None
+def identity(pid: int) -> Identity:
+    return processes.identity(pid)
 
 
-def gone(pid: int, ticks: int | None) -> bool:
-    """True if the process that had ``pid`` and start time ``ticks`` no longer runs (a zombie
-    PID 1 has not reaped yet counts as gone, and so does a pid reused by another process)."""
-    fields = _stat(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return True
-    return ticks is not None and int(fields[19]) != ticks
+def gone(record: Identity) -> bool:
+    """True if the process of ``record`` no longer runs (a zombie PID 1 has not reaped yet
+    counts as gone, and so does a pid reused by another process)."""
+    return processes.recorded(record) is None
 
 
 def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and fields[0] not in ("Z", "X"):
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    return [p.pid for p in processes.tree(pid)[1:]]
 
 
 def read_json(path: Path) -> dict[str, object]:
@@ -141,25 +123,27 @@ class UpProc:
         assert code is not None
         return code
 
-    def started(self) -> dict[str, tuple[int, int | None]]:
+    def started(self) -> Started:
         """Every process this ``up`` started (from its pid file and the servers' pid files),
-        Postgres' own children included: name -> (pid, start ticks)."""
-        found: dict[str, tuple[int, int | None]] = {}
+        Postgres' own children included: name -> pid and start time."""
+        found: Started = {}
         state = read_json(self.data_dir / "up.json")
         assert state["pid"] == self.pid
         children = state["children"]
         assert isinstance(children, dict) and set(children) == {"api", "worker"}
         for name, record in children.items():
-            found[name] = (int(record["pid"]), record["start_ticks"])
+            found[name] = {"pid": record["pid"], "create_time": record["create_time"]}
         for kind in ("redis", "postgres"):
             pid_file = self.data_dir / kind / f"wbcache-{kind}.pid"
             if pid_file.exists():
-                pid = int(read_json(pid_file)["pid"])  # type: ignore[call-overload]
-                found[kind] = (pid, start_ticks(pid))
+                record = read_json(pid_file)
+                pid = record["pid"]
+                assert isinstance(pid, int)
+                found[kind] = {"pid": pid, "create_time": record["create_time"]}
                 for i, child in enumerate(descendants(pid)):
-                    found[f"{kind}-child-{i}"] = (child, start_ticks(child))
-        for name, (pid, ticks) in found.items():
-            assert not gone(pid, ticks), f"{name} pid {pid} is not running"
+                    found[f"{kind}-child-{i}"] = identity(child)
+        for name, rec in found.items():
+            assert not gone(rec), f"{name} pid {rec['pid']} is not running"
         return found
 
 
@@ -181,9 +165,9 @@ def up_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def cleanup() -> Iterator[list[tuple[UpProc, dict[str, tuple[int, int | None]]]]]:
+def cleanup() -> Iterator[list[tuple[UpProc, Started]]]:
     """Whatever a failed test left running: the up processes and every pid they started."""
-    runs: list[tuple[UpProc, dict[str, tuple[int, int | None]]]] = []
+    runs: list[tuple[UpProc, Started]] = []
     yield runs
     for up, pids in runs:
         if up.popen is not None and up.popen.poll() is None:
@@ -193,9 +177,10 @@ def cleanup() -> Iterator[list[tuple[UpProc, dict[str, tuple[int, int | None]]]]
             except subprocess.TimeoutExpired:
                 up.popen.kill()
                 up.popen.wait(10)
-        for pid, ticks in pids.values():
-            if not gone(pid, ticks):
-                os.kill(pid, signal.SIGKILL)
+        for rec in pids.values():
+            proc = processes.recorded(rec)
+            if proc is not None:
+                proc.kill()
 
 
 async def put_and_persist(client: httpx.AsyncClient, base: str, key: str, doc: object) -> int:
@@ -215,7 +200,7 @@ async def put_and_persist(client: httpx.AsyncClient, base: str, key: str, doc: o
 async def test_up_embedded_restart_and_orphans(
     workdir: Path,
     up_env: dict[str, str],
-    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+    cleanup: list[tuple[UpProc, Started]],
 ) -> None:
     cwd = workdir
     data_dir = cwd / ".wbcache"
@@ -244,7 +229,7 @@ async def test_up_embedded_restart_and_orphans(
         # up runs in its own session; its children each in theirs (a terminal Ctrl-C
         # reaches only up)
         for name in ("api", "worker", "redis", "postgres"):
-            assert os.getsid(pids[name][0]) == pids[name][0]
+            assert os.getsid(pids[name]["pid"]) == pids[name]["pid"]
 
         version = await put_and_persist(client, up.url, "ada", doc)
         got = await client.get(f"{up.url}/v1/uptest/ada")
@@ -253,7 +238,7 @@ async def test_up_embedded_restart_and_orphans(
         # Ctrl-C: everything stops, exit 0, nothing left running.
         up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
         assert await up.wait_exit() == 0, up.output()
-        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        left = {n: r["pid"] for n, r in pids.items() if not gone(r)}
         assert not left, f"left running after Ctrl-C: {left}\n{up.output()}"
         assert not (data_dir / "up.json").exists()
         assert "[api]" in up.output() and "[worker]" in up.output()
@@ -285,7 +270,7 @@ async def test_up_embedded_restart_and_orphans(
         up.popen.kill()  # type: ignore[union-attr]
         assert await up.wait_exit() == -signal.SIGKILL
         orphans = pids
-        alive = [n for n in ("api", "worker", "redis", "postgres") if not gone(*orphans[n])]
+        alive = [n for n in ("api", "worker", "redis", "postgres") if not gone(orphans[n])]
         assert alive == ["api", "worker", "redis", "postgres"]
 
         # ...and the next up finds them through the pid files and stops them first.
@@ -294,7 +279,7 @@ async def test_up_embedded_restart_and_orphans(
         await up.wait_ready(client)
         pids = up.started()
         cleanup[-1] = (up, pids)
-        left = {n: p for n, (p, t) in orphans.items() if not gone(p, t)}
+        left = {n: r["pid"] for n, r in orphans.items() if not gone(r)}
         assert not left, f"orphans of the killed run still running: {left}\n{up.output()}"
         assert "previous `wbcache up` left running" in up.output()
         for key, want, v in (("ada", doc, version), ("bob", doc2, version2)):
@@ -304,7 +289,7 @@ async def test_up_embedded_restart_and_orphans(
 
         up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
         assert await up.wait_exit() == 0, up.output()
-        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        left = {n: r["pid"] for n, r in pids.items() if not gone(r)}
         assert not left, f"left running after Ctrl-C: {left}\n{up.output()}"
 
 
@@ -313,7 +298,7 @@ async def test_up_uses_servers_from_the_environment(
     servers: Servers,
     prefix: str,
     up_env: dict[str, str],
-    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+    cleanup: list[tuple[UpProc, Started]],
 ) -> None:
     env = {
         **up_env,
@@ -331,7 +316,7 @@ async def test_up_uses_servers_from_the_environment(
         cleanup[-1] = (up, pids)
         # no embedded server: up's only children are the API and the worker
         assert set(pids) == {"api", "worker"}
-        assert sorted(descendants(up.pid)) == sorted([pids["api"][0], pids["worker"][0]])
+        assert sorted(descendants(up.pid)) == sorted([pids["api"]["pid"], pids["worker"]["pid"]])
         assert not (data_dir / "redis").exists() and not (data_dir / "postgres").exists()
         assert "embedded" not in up.output()
         assert servers.redis_url in up.output()
@@ -356,7 +341,7 @@ async def test_up_uses_servers_from_the_environment(
 
         up.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         assert await up.wait_exit() == 0, up.output()
-        left = {n: p for n, (p, t) in pids.items() if not gone(p, t)}
+        left = {n: r["pid"] for n, r in pids.items() if not gone(r)}
         assert not left, f"left running after SIGTERM: {left}\n{up.output()}"
 
 
@@ -365,7 +350,7 @@ async def test_up_stops_everything_when_a_child_dies(
     servers: Servers,
     prefix: str,
     up_env: dict[str, str],
-    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+    cleanup: list[tuple[UpProc, Started]],
 ) -> None:
     env = {
         **up_env,
@@ -379,19 +364,19 @@ async def test_up_stops_everything_when_a_child_dies(
         await up.wait_ready(client)
         pids = up.started()
         cleanup[-1] = (up, pids)
-    os.kill(pids["worker"][0], signal.SIGKILL)
+    os.kill(pids["worker"]["pid"], signal.SIGKILL)
     assert await up.wait_exit() == 1
     out = up.output()
-    assert f"the worker (pid {pids['worker'][0]}) exited unexpectedly" in out, out
+    assert f"the worker (pid {pids['worker']['pid']}) exited unexpectedly" in out, out
     last_line = (tmp_path / ".wbcache" / "worker.log").read_text().splitlines()[-1]
     assert last_line in out.split("exited unexpectedly", 1)[1]  # with its last log lines
-    assert gone(*pids["api"]), out
+    assert gone(pids["api"]), out
 
 
 async def test_up_refuses_a_busy_port(
     tmp_path: Path,
     up_env: dict[str, str],
-    cleanup: list[tuple[UpProc, dict[str, tuple[int, int | None]]]],
+    cleanup: list[tuple[UpProc, Started]],
 ) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
