@@ -1,6 +1,6 @@
 """The benchmark's environment: its Redis and Postgres (dedicated URLs, or throwaway servers
 when those do not answer), the ``wbcache serve`` / ``wbcache worker`` processes it starts,
-and CPU accounting per process."""
+and CPU accounting per process (``cpu_seconds`` from service.dev.processes, through psutil)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 import redis
 
 from service.config import Settings
 from service.dev.embedded import PostgresServer, RedisServer, free_port
+from service.dev.processes import cpu_seconds
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_bench"
 BENCH_PREFIX = "wbbench:"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def with_database(url: str, name: str) -> str:
@@ -253,59 +253,12 @@ class ProcessGroup:
 # --------------------------------------------------------------------------- CPU
 
 
-def children(pid: int) -> list[int]:
-    """The live child processes of ``pid``."""
-    out: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and its live descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children(p)
-    return out
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """user+system CPU seconds of ``pid`` and its live descendants (0 if gone)."""
-    total = 0.0
-    for p in descendants(pid):
-        try:
-            raw = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
 def system_cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0, 0.0
-    values = [int(v) for v in first]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    total = sum(values[:8])
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    """(busy, total) CPU seconds of the whole machine since boot (iowait counts as idle)."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - idle, total
 
 
 def redis_cpu_seconds(client: redis.Redis) -> float:
@@ -337,8 +290,8 @@ def cpu_sample(
     return CpuSample(
         at=time.monotonic(),
         system_busy=busy,
-        per_process={p.name: process_cpu_seconds(p.pid) for p in procs if p.running()},
-        postgres={pid: process_cpu_seconds(pid) for pid in pg_pids},
+        per_process={p.name: cpu_seconds(p.pid) for p in procs if p.running()},
+        postgres={pid: cpu_seconds(pid) for pid in pg_pids},
         redis=redis_cpu,
         bench=usage.user + usage.system,
     )

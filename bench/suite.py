@@ -55,8 +55,6 @@ from bench.env import (
     ServiceProcess,
     cpu_breakdown,
     database_name,
-    descendants,
-    process_cpu_seconds,
     redis_cpu_seconds,
     service_env,
     start_servers,
@@ -64,6 +62,7 @@ from bench.env import (
 )
 from bench.http import Connection, HttpError, encode_request
 from service.adapters.migrate import migrate
+from service.dev import processes
 from service.dev.embedded import free_port
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -292,7 +291,7 @@ class Target:
 def peak_rss_mb(pid: int) -> dict[int, float]:
     """VmHWM (peak resident set) of ``pid`` and each live descendant, in MB (MiB)."""
     out: dict[int, float] = {}
-    for p in descendants(pid):
+    for p in (proc.pid for proc in processes.tree(pid)):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -497,7 +496,7 @@ async def wrk(
         # wrk's own CPU share near the end of the run: ~1.0 means the load generator,
         # not the server, sets the rate.
         await asyncio.sleep(max(0.5, round(seconds) - 0.5))
-        wrk_cpu.append(process_cpu_seconds(proc.pid) / (now() - started))
+        wrk_cpu.append(processes.cpu_seconds(proc.pid) / (now() - started))
 
     sampler = asyncio.create_task(sample_wrk_cpu())
     try:
@@ -562,8 +561,8 @@ class Bench:
         """A wrk run against ``target`` with the CPU seconds per request of its API and
         worker processes, of Redis, and the machine's busy share while it ran."""
         seconds = seconds or self.opts.duration
-        api0 = sum(process_cpu_seconds(p.pid) for p in target.api)
-        wk0 = sum(process_cpu_seconds(p.pid) for p in target.workers)
+        api0 = sum(processes.cpu_seconds(p.pid) for p in target.api)
+        wk0 = sum(processes.cpu_seconds(p.pid) for p in target.workers)
         rd0 = self.redis_cpu()
         busy0, total0 = system_cpu_seconds()
         wall0 = time.time()
@@ -579,8 +578,8 @@ class Bench:
         # The worker's share includes flushing what the run left pending.
         drain_s = await wait_drained(target) if op in ("put", "batch") else 0.0
         busy1, total1 = system_cpu_seconds()
-        api1 = sum(process_cpu_seconds(p.pid) for p in target.api)
-        wk1 = sum(process_cpu_seconds(p.pid) for p in target.workers)
+        api1 = sum(processes.cpu_seconds(p.pid) for p in target.api)
+        wk1 = sum(processes.cpu_seconds(p.pid) for p in target.workers)
         rd1 = self.redis_cpu()
         n = max(1, result["requests"])
         result["api_cpu_us_per_req"] = round((api1 - api0) / n * 1e6, 1)
