@@ -34,14 +34,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -50,7 +48,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psutil
 
 from service.dev import processes
+from service.dev.child import Child, same_process
 from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer, free_port
+from service.dev.server import tail
 
 DATABASE = "wbcache"
 API_START_SECONDS = 60.0
@@ -58,7 +58,6 @@ API_STOP_SECONDS = 20.0  # uvicorn finishes in-flight requests within 10 s
 DRAIN_SECONDS = 15.0  # after the API stopped: let the worker persist what is pending
 WORKER_STOP_SECONDS = 30.0  # the worker finishes or hands back its batch
 ORPHAN_STOP_SECONDS = 30.0
-TAIL_LINES = 25
 
 
 class UpError(RuntimeError):
@@ -120,14 +119,6 @@ def _http_base(host: str, port: int) -> str:
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
-def _tail(path: Path, lines: int = TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -148,96 +139,6 @@ def _preload() -> None:
             importlib.import_module(module)
 
 
-@dataclass
-class _Child:
-    """The API or the worker: a child process whose output goes to a log file that ``up``
-    follows and forwards to its stdout."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-    identity: dict[str, Any] = field(default_factory=dict)
-    offset: int = 0
-    partial: bytes = b""
-    forward: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def start(self, env: dict[str, str]) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- wbcache up: starting {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.offset = log.tell()  # forward what the child writes, not this header
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        self.identity = processes.identity(self.popen.pid)
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def record(self) -> dict[str, Any]:
-        return {**self.identity, "argv": self.argv}
-
-    def pump(self, out: TextIO) -> None:
-        """Forward the log lines written since the last call, prefixed with the name."""
-        if not self.forward:
-            return
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(self.offset)
-                data = log.read()
-        except OSError:
-            return
-        if not data:
-            return
-        self.offset += len(data)
-        *lines, self.partial = (self.partial + data).split(b"\n")
-        try:
-            for line in lines:
-                out.write(f"[{self.name}] {line.decode(errors='replace')}\n")
-            out.flush()
-        except (OSError, ValueError):
-            self.forward = False  # stdout is gone (closed terminal, broken pipe)
-
-    def stop(self, timeout: float, hurry: Iterator[bool]) -> None:
-        """SIGTERM; SIGKILL after ``timeout`` or as soon as ``hurry`` yields True."""
-        if not self.running:
-            return
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.popen.poll() is None:
-            if time.monotonic() >= deadline or next(hurry):
-                _say(f"{self.name} (pid {self.popen.pid}) did not stop; killing it")
-                processes.kill_tree(self.popen.pid)
-                self.popen.wait(10)
-                break
-            time.sleep(0.05)
-
-
-def _same_process(record: dict[str, Any]) -> psutil.Process | None:
-    """A child recorded in up.json if that very process still runs (same pid, start time
-    and command line)."""
-    proc = processes.recorded(record)
-    try:
-        if proc is None or proc.cmdline() != [str(a) for a in record["argv"]]:
-            return None
-    except (psutil.Error, KeyError, TypeError):
-        return None
-    return proc
-
-
 class Up:
     """One run of ``wbcache up``."""
 
@@ -252,12 +153,12 @@ class Up:
         self.redis_url = ""
         self.database_url = ""
         python = [sys.executable, "-m", "service.cli"]
-        self.api = _Child(
+        self.api = Child(
             "api",
             [*python, "serve", "--host", host, "--port", str(port)],
             self.data_dir / "api.log",
         )
-        self.worker = _Child("worker", [*python, "worker"], self.data_dir / "worker.log")
+        self.worker = Child("worker", [*python, "worker"], self.data_dir / "worker.log")
         self.signals = 0
         self.stopping = False
         self.interruptible = False
@@ -339,7 +240,7 @@ class Up:
         orphans: dict[str, psutil.Process] = {}
         if isinstance(children, dict):
             for name, record in children.items():
-                proc = _same_process(record) if isinstance(record, dict) else None
+                proc = same_process(record) if isinstance(record, dict) else None
                 if proc is not None:
                     orphans[str(name)] = proc
         if orphans:
@@ -448,7 +349,7 @@ class Up:
             if time.monotonic() >= deadline:
                 raise UpError(
                     f"the API did not become ready at {url} within {API_START_SECONDS:g} s; "
-                    f"last lines of {self.api.log_path}:\n{_tail(self.api.log_path)}"
+                    f"last lines of {self.api.log_path}:\n{tail(self.api.log_path)}"
                 )
             time.sleep(0.1)
 
@@ -489,13 +390,13 @@ class Up:
                 raise UpError(
                     f"the {child.name} (pid {child.popen.pid}) exited unexpectedly with code "
                     f"{child.popen.returncode}; last lines of {child.log_path}:\n"
-                    f"{_tail(child.log_path)}"
+                    f"{tail(child.log_path)}"
                 )
         for server in (self.redis, self.postgres):
             if server is not None and not server.running:
                 raise UpError(
                     f"the embedded {server.kind} server exited unexpectedly; last lines of "
-                    f"{server.log_path}:\n{_tail(server.log_path)}"
+                    f"{server.log_path}:\n{tail(server.log_path)}"
                 )
 
     def _supervise(self) -> int:
@@ -558,9 +459,9 @@ class Up:
     def _stop_all(self) -> None:
         hurry = self._hurry()
         try:
-            self.api.stop(API_STOP_SECONDS, hurry)
+            self.api.stop(API_STOP_SECONDS, hurry, _say)
             self._drain(hurry)
-            self.worker.stop(WORKER_STOP_SECONDS, hurry)
+            self.worker.stop(WORKER_STOP_SECONDS, hurry, _say)
             self._pump()
         finally:
             if self.api.pid is not None or self.worker.pid is not None:
