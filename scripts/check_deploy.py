@@ -1,25 +1,25 @@
-"""Check the deployment files without a Docker engine (``make lint`` runs this).
+"""The deployment checks no off-the-shelf tool makes (``make lint`` runs this; exit 1 and
+one line per problem).  What tools do is left to them: hadolint lints the Dockerfile, the
+Compose Specification JSON schema validates docker-compose.yml, promtool (when on PATH)
+checks the Prometheus config and rules, runs the alert unit tests and parses the dashboard
+queries.  Checked here, against this project:
 
-- docker-compose.yml: interpolated as Compose does (``${VAR:-default}``, with an empty
-  environment: every variable needs a default), validated against the Compose
-  Specification JSON schema, then the project's own rules: the services, their
-  ``depends_on`` conditions, healthchecks, grace periods, scaling, and that every
-  ``command`` / healthcheck is a real ``wbcache`` command line that its CLI accepts.
-- Dockerfile: the stages, the non-root user, dependencies from the lock before the code,
-  CMD / HEALTHCHECK / EXPOSE consistent with each other and with the compose file, and
-  every COPY source let through by .dockerignore. (hadolint runs separately.)
-- requirements.lock: every pinned runtime dependency of pyproject.toml at the same version,
-  every entry pinned with hashes.
-- deploy/prometheus (alerts and scrape config) and deploy/grafana/wbcache.json: structure,
-  the alerts we rely on, and only metric names the service exports. When ``promtool`` is on
-  PATH it also checks the config and rules, runs the alert unit tests
-  (alerts.test.yml) and parses every dashboard query; it is optional.
+- every command and healthcheck in the Dockerfile and docker-compose.yml is a ``wbcache``
+  command line its CLI accepts, and they agree on the API's port;
+- every COPY source gets through the .dockerignore allowlist (there is no Docker here);
+- requirements.lock pins every runtime dependency of pyproject.toml at the same version,
+  with hashes, and the image installs it with --require-hashes;
+- compose: the start order (migrations before the API and workers), the grace periods exceed
+  the drain bounds, Redis cannot evict pending writes and keeps an AOF, the URLs point at the
+  compose services, workers can be scaled;
+- the alerts we rely on exist, and alerts and the Grafana dashboard read only metrics the
+  service exports (counters through rate()), and the dashboard shows every one.
 
 The Compose Specification schema is not copied into this repository: it is taken from the
-``docker-compose`` 1.29.2 wheel on PyPI (``compose/config/compose_spec.json``, the spec's
-schema as Docker shipped it), downloaded once with pip and cached in the virtualenv.
+``docker-compose`` 1.29.2 wheel on PyPI (``compose/config/compose_spec.json``), downloaded
+once with pip and cached in the virtualenv.
 
-Usage: python scripts/check_deploy.py [--root DIR]   (exit 1 and one line per problem)
+Usage: python scripts/check_deploy.py [--root DIR] [--no-promtool]
 """
 
 from __future__ import annotations
@@ -346,54 +346,17 @@ def check_dockerfile(root: Path, problems: Problems) -> DockerfileFacts:
         problems.add(where, "missing")
         return facts
     ins = parse_dockerfile(path)
-    froms = [i for i in ins if i.keyword == "FROM"]
-    if len(froms) < 2:
-        problems.add(where, "expected a multi-stage build (a build stage and a runtime stage)")
-    for stage in froms:
-        image = stage.args.split()[0]
-        if image != "python:3.11-slim":
-            problems.add(f"{where}:{stage.line}", f"base image {image}, expected python:3.11-slim")
-    last = len(froms) - 1
-    final = [i for i in ins if i.stage == last]
-
-    users = [i for i in final if i.keyword == "USER"]
-    if not users:
-        problems.add(where, "the runtime stage sets no USER: it would run as root")
-    elif users[-1].args.split(":")[0] in ("root", "0"):
-        problems.add(f"{where}:{users[-1].line}", "the runtime stage runs as root")
-
-    env_text = " ".join(i.args for i in final if i.keyword == "ENV")
-    for var in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"):
-        if var not in env_text:
-            problems.add(where, f"the runtime stage does not set ENV {var}")
-
-    # Layer cache: the locked dependencies are installed before the code is copied.
-    lock_install = next(
-        (
-            i
-            for i in ins
-            if i.keyword == "RUN" and "pip install" in i.args and "requirements.lock" in i.args
-        ),
-        None,
-    )
-    code_copy = next(
-        (i for i in ins if i.keyword == "COPY" and re.search(r"(^|\s)\.?/?service\b", i.args)),
-        None,
-    )
-    if lock_install is None:
+    last = max((i.stage for i in ins), default=-1)
+    final = [i for i in ins if i.stage == last]  # the runtime stage
+    lock_install = [
+        i
+        for i in ins
+        if i.keyword == "RUN" and "pip install" in i.args and "requirements.lock" in i.args
+    ]
+    if not lock_install:
         problems.add(where, "no `RUN pip install ... requirements.lock` step")
-    else:
-        if "--require-hashes" not in lock_install.args:
-            problems.add(f"{where}:{lock_install.line}", "install the lock with --require-hashes")
-        if code_copy is not None and code_copy.line < lock_install.line:
-            problems.add(
-                f"{where}:{code_copy.line}",
-                "the code is copied before the dependencies are installed (breaks layer cache)",
-            )
-    if not any(
-        i.keyword == "RUN" and re.search(r"pip install --no-deps \.(\s|$)", i.args) for i in ins
-    ):
-        problems.add(where, "the package is not installed with `pip install --no-deps .`")
+    elif not any("--require-hashes" in i.args for i in lock_install):
+        problems.add(f"{where}:{lock_install[0].line}", "install the lock with --require-hashes")
 
     for i in final:
         if i.keyword == "EXPOSE":
@@ -411,8 +374,6 @@ def check_dockerfile(root: Path, problems: Problems) -> DockerfileFacts:
         problems.add(where, "no CMD")
     if facts.healthcheck is None:
         problems.add(where, "no HEALTHCHECK")
-    if not facts.expose:
-        problems.add(where, "no EXPOSE")
 
     serve_port: int | None = None
     if facts.cmd is not None:
@@ -462,9 +423,6 @@ def check_dockerfile(root: Path, problems: Problems) -> DockerfileFacts:
                 if dockerignored(rel, rules):
                     problems.add(".dockerignore", f"excludes {rel}, which the Dockerfile copies")
                     break
-    for junk in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".wbcache/x"):
-        if not dockerignored(junk, rules):
-            problems.add(".dockerignore", f"lets {junk.split('/')[0]}/ into the build context")
     return facts
 
 
@@ -547,10 +505,8 @@ def check_compose_doc(
         hc = services[name].get("healthcheck") or {}
         return bool(hc.get("test")) and not hc.get("disable")
 
-    # redis
+    # redis: an AOF on a volume, and no eviction of pending writes (they have no TTL)
     redis = services["redis"]
-    if not str(redis.get("image", "")).startswith("redis:7"):
-        problems.add(svc_where("redis"), "expected image redis:7")
     argv = as_argv(redis.get("command")) or []
     flags = dict(zip(argv[1::2], argv[2::2], strict=False)) if argv[:1] == ["redis-server"] else {}
     if flags.get("--appendonly") != "yes":
@@ -561,27 +517,12 @@ def check_compose_doc(
             f"--maxmemory-policy must be one of {sorted(SAFE_EVICTION)}: pending writes have "
             "no TTL, only clean entries may be evicted",
         )
-    if healthcheck_argv((redis.get("healthcheck") or {}).get("test")) != ["redis-cli", "ping"]:
-        problems.add(svc_where("redis"), 'healthcheck must be ["CMD", "redis-cli", "ping"]')
     named_volume_at("redis", "/data")
-
-    # postgres
-    pg = services["postgres"]
-    pg_env = environment(pg)
-    if str(pg.get("image", "")).split(":")[0] != "postgres" or not str(
-        pg.get("image", "")
-    ).startswith("postgres:16"):
-        problems.add(svc_where("postgres"), "expected image postgres:16")
-    if pg_env.get("POSTGRES_DB") != "wbcache":
-        problems.add(svc_where("postgres"), "POSTGRES_DB must be wbcache")
-    if not pg_env.get("POSTGRES_PASSWORD"):
-        problems.add(svc_where("postgres"), "POSTGRES_PASSWORD must be set (with a default)")
-    pg_hc = healthcheck_argv((pg.get("healthcheck") or {}).get("test")) or []
-    if pg_hc[:1] != ["pg_isready"]:
-        problems.add(svc_where("postgres"), "healthcheck must run pg_isready")
+    pg_env = environment(services["postgres"])
     named_volume_at("postgres", "/var/lib/postgresql/data")
 
-    # every long-running service has a healthcheck; depends_on conditions as required
+    # every long-running service has a healthcheck (others wait for them to be healthy);
+    # migrations run first, once
     for name in services:
         if name != "migrate" and not has_healthcheck(name):
             problems.add(svc_where(name), "no healthcheck")
@@ -598,11 +539,7 @@ def check_compose_doc(
             continue
         for dep, spec in deps.items():
             cond = (spec or {}).get("condition")
-            if dep not in services:
-                problems.add(svc_where(name), f"depends on unknown service {dep}")
-            elif cond == "service_healthy" and not has_healthcheck(dep):
-                problems.add(svc_where(name), f"waits for {dep} healthy, which has no healthcheck")
-            elif cond == "service_completed_successfully":
+            if cond == "service_completed_successfully" and dep in services:
                 restart = str(services[dep].get("restart", "no"))
                 if restart not in ("no", "on-failure") and not restart.startswith("on-failure:"):
                     problems.add(
@@ -745,15 +682,9 @@ def _enclosing_functions(expr: str, index: int) -> list[str]:
 
 
 def check_promql(expr: str, where: str, problems: Problems) -> set[str]:
-    """Light checks of one query; returns the wbcache metric families it reads."""
+    """The wbcache metrics one query reads exist, are read as their type needs (promtool
+    parses the query); returns the metric families it reads."""
     used: set[str] = set()
-    depth = 0
-    for c in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
-        depth += {"(": 1, ")": -1}.get(c, 0)
-        if depth < 0:
-            break
-    if depth != 0:
-        problems.add(where, f"unbalanced parentheses: {expr}")
     for m in _METRIC.finditer(expr):
         name = m.group(0)
         around = _enclosing_functions(expr, m.start())
@@ -782,71 +713,30 @@ def check_promql(expr: str, where: str, problems: Problems) -> set[str]:
 # --------------------------------------------------------------------------- Prometheus
 
 
+def _alert_rules(doc: Any) -> Iterator[dict[str, Any]]:
+    """The rules of a Prometheus rules file (its structure is promtool's to check)."""
+    groups = doc.get("groups") if isinstance(doc, dict) else None
+    for group in groups if isinstance(groups, list) else []:
+        rules = group.get("rules") if isinstance(group, dict) else None
+        for rule in rules if isinstance(rules, list) else []:
+            if isinstance(rule, dict) and isinstance(rule.get("expr"), str):
+                yield rule
+
+
 def check_prometheus(root: Path, problems: Problems) -> list[str]:
     """Returns the alert expressions (for promtool)."""
     base = root / "deploy" / "prometheus"
     where = "deploy/prometheus/alerts.yml"
-    exprs: list[str] = []
     try:
         doc = yaml.safe_load((base / "alerts.yml").read_text())
     except (OSError, yaml.YAMLError) as exc:
         problems.add(where, f"cannot load: {exc}")
-        return exprs
-    groups = doc.get("groups") if isinstance(doc, dict) else None
-    if not isinstance(groups, list) or not groups:
-        problems.add(where, "needs a non-empty `groups` list")
-        return exprs
-    alerts: dict[str, dict[str, Any]] = {}
-    group_names: set[str] = set()
-    for gi, group in enumerate(groups):
-        gw = f"{where} groups[{gi}]"
-        if not isinstance(group, dict) or not isinstance(group.get("name"), str):
-            problems.add(gw, "a group needs a name")
-            continue
-        if group["name"] in group_names:
-            problems.add(gw, f"duplicate group {group['name']}")
-        group_names.add(group["name"])
-        if set(group) - {"name", "interval", "rules", "limit", "query_offset", "labels"}:
-            problems.add(gw, f"unknown keys {sorted(set(group) - {'name', 'interval', 'rules'})}")
-        rules = group.get("rules")
-        if not isinstance(rules, list) or not rules:
-            problems.add(gw, "needs a non-empty `rules` list")
-            continue
-        for ri, rule in enumerate(rules):
-            rw = f"{gw}.rules[{ri}]"
-            if not isinstance(rule, dict):
-                problems.add(rw, "not a mapping")
-                continue
-            allowed = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
-            if set(rule) - allowed:
-                problems.add(rw, f"unknown keys {sorted(set(rule) - allowed)}")
-            if ("alert" in rule) == ("record" in rule):
-                problems.add(rw, "needs exactly one of `alert` and `record`")
-                continue
-            expr = rule.get("expr")
-            if not isinstance(expr, str) or not expr.strip():
-                problems.add(rw, "needs an `expr`")
-                continue
-            exprs.append(expr)
-            check_promql(expr, rw, problems)
-            if "record" in rule:
-                continue
-            name = rule["alert"]
-            rw = f"{where} {name}"
-            if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", str(name)):
-                problems.add(rw, "alert names are CamelCase")
-            if name in alerts:
-                problems.add(rw, "duplicate alert name")
-            alerts[name] = rule
-            if "for" in rule and parse_duration(str(rule["for"])) is None:
-                problems.add(rw, f"`for: {rule['for']}` is not a duration")
-            labels = rule.get("labels") or {}
-            if labels.get("severity") not in ("critical", "warning", "info"):
-                problems.add(rw, "labels.severity must be critical, warning or info")
-            notes = rule.get("annotations") or {}
-            for key in ("summary", "description"):
-                if not isinstance(notes.get(key), str) or not notes[key].strip():
-                    problems.add(rw, f"needs annotations.{key}")
+        return []
+    rules = list(_alert_rules(doc))
+    exprs = [r["expr"] for r in rules]
+    for rule in rules:
+        check_promql(rule["expr"], f"{where} {rule.get('alert') or rule.get('record')}", problems)
+    alerts = {str(r["alert"]): r for r in rules if "alert" in r}
 
     def find(pred: Any, what: str) -> dict[str, Any] | None:
         found = [r for r in alerts.values() if pred(r["expr"])]
@@ -904,59 +794,20 @@ def _panels(panels: Iterable[Any]) -> Iterator[dict[str, Any]]:
 def check_dashboard(root: Path, problems: Problems) -> list[str]:
     """Returns the queries (for promtool)."""
     where = "deploy/grafana/wbcache.json"
-    exprs: list[str] = []
     try:
         dash = json.loads((root / where).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         problems.add(where, f"cannot load: {exc}")
-        return exprs
-    for key in ("title", "uid", "panels", "templating", "schemaVersion"):
-        if key not in dash:
-            problems.add(where, f"no `{key}`")
-    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list", [])}
-    ds_vars = [
-        n
-        for n, v in variables.items()
-        if v.get("type") == "datasource" and v.get("query") == "prometheus"
-    ]
-    if not ds_vars:
-        problems.add(where, "needs a datasource variable for Prometheus")
-        return exprs
-    ds_uid = f"${{{ds_vars[0]}}}"
-    ids: set[int] = set()
+        return []
+    exprs: list[str] = []
     used: set[str] = set()
     for panel in _panels(dash.get("panels") or []):
-        pw = f"{where} panel {panel.get('id')} {panel.get('title')!r}"
-        pid = panel.get("id")
-        if not isinstance(pid, int) or pid in ids:
-            problems.add(pw, "needs a unique integer id")
-        else:
-            ids.add(pid)
-        grid = panel.get("gridPos") or {}
-        if not all(isinstance(grid.get(k), int) for k in ("h", "w", "x", "y")):
-            problems.add(pw, "needs gridPos h, w, x, y")
-        elif grid["x"] + grid["w"] > 24:
-            problems.add(pw, "wider than the 24-column grid")
-        if panel.get("type") == "row":
-            continue
-        if (panel.get("datasource") or {}).get("uid") != ds_uid:
-            problems.add(pw, f"datasource must be the {ds_uid} variable")
-        targets = panel.get("targets") or []
-        if not targets:
-            problems.add(pw, "no queries")
-        ref_ids = [t.get("refId") for t in targets]
-        if len(set(ref_ids)) != len(ref_ids) or None in ref_ids:
-            problems.add(pw, "each query needs a unique refId")
-        for t in targets:
-            ds = (t.get("datasource") or {}).get("uid", ds_uid)
-            if ds != ds_uid:
-                problems.add(pw, f"query datasource must be {ds_uid}")
-            expr = t.get("expr")
-            if not isinstance(expr, str) or not expr.strip():
-                problems.add(pw, "a query without expr")
-                continue
-            exprs.append(expr)
-            used |= check_promql(expr, pw, problems)
+        for target in panel.get("targets") or []:
+            expr = target.get("expr") if isinstance(target, dict) else None
+            if isinstance(expr, str) and expr.strip():
+                exprs.append(expr)
+                pw = f"{where} panel {panel.get('id')} {panel.get('title')!r}"
+                used |= check_promql(expr, pw, problems)
     for name in sorted((GAUGES | COUNTERS | HISTOGRAMS) - used):
         problems.add(where, f"no panel shows {name}")
     return exprs
