@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -32,6 +30,7 @@ from tests.conftest import wait_until
 from tests.integration.load import Load
 from tests.support.procs import ApiProc, Proc, WorkerProc
 from tests.support.servers import TestServers as Servers
+from tests.support.servers import data_dir
 
 pytestmark = pytest.mark.chaos
 
@@ -215,13 +214,9 @@ async def test_worker_sigkill_every_1_5_s_loses_nothing(
 
 @pytest.fixture
 def server_dir() -> Iterator[Path]:
-    """A data directory for a throwaway Postgres, outside pytest's tmp_path: every pytest
-    session that starts (as the same user) chmods /tmp/pytest-of-<user> back to 0700,
-    which locks out the ``postgres`` OS user a root-run server uses (initdb then fails
-    with "could not open file .../global/pg_control: Permission denied")."""
-    path = Path(tempfile.mkdtemp(prefix="wbcache-chaos-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A data directory for a throwaway Postgres (see tests.support.servers.data_dir)."""
+    with data_dir("wbcache-chaos-") as path:
+        yield path
 
 
 async def test_postgres_outage_of_10_s_under_load(procs: Procs, server_dir: Path) -> None:
