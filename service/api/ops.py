@@ -10,6 +10,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
+from service.api.auth import ADMIN, METRICS, PUBLIC, READ, ScopedRoute, requires
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
@@ -17,7 +18,7 @@ from service.api.state import AppState
 from service.core import stats
 from service.core.errors import REDIS_DOWN
 
-router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES, route_class=ScopedRoute)
 
 
 async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:
@@ -25,12 +26,18 @@ async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str
     return await stats.collect(state.redis, state.keys, raw_counters)
 
 
-@router.get("/healthz", summary="Liveness: 200 while the process runs")
+@router.get(
+    "/healthz", dependencies=[requires(PUBLIC)], summary="Liveness: 200 while the process runs"
+)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: 200 while Redis answers (writes are accepted)")
+@router.get(
+    "/readyz",
+    dependencies=[requires(PUBLIC)],
+    summary="Readiness: 200 while Redis answers (writes are accepted)",
+)
 async def readyz(state: StateDep) -> Response:
     body: dict[str, Any] = {"postgres": state.postgres_status}
     try:
@@ -50,7 +57,11 @@ async def readyz(state: StateDep) -> Response:
     return json_response(body)
 
 
-@router.get("/v1/stats", summary="Queue depth, lag, dead letters, workers, hit ratio")
+@router.get(
+    "/v1/stats",
+    dependencies=[requires(READ)],
+    summary="Queue depth, lag, dead letters, workers, hit ratio",
+)
 async def get_stats(state: StateDep) -> Response:
     s = await current_stats(state)
     per = await stats.pending_by_collection(state.redis, state.keys)
@@ -59,7 +70,7 @@ async def get_stats(state: StateDep) -> Response:
     return json_response(s)
 
 
-@router.get("/metrics", summary="Prometheus text exposition")
+@router.get("/metrics", dependencies=[requires(METRICS)], summary="Prometheus text exposition")
 async def metrics(state: StateDep) -> Response:
     s = await current_stats(state, raw_counters=True)
     return Response(state.metrics.render(s), media_type=CONTENT_TYPE_LATEST)
@@ -73,7 +84,11 @@ def _redact(url: str) -> str:
     return url
 
 
-@router.get("/v1/config", summary="The effective configuration (secrets redacted)")
+@router.get(
+    "/v1/config",
+    dependencies=[requires(READ)],
+    summary="The effective configuration (secrets redacted)",
+)
 async def get_config(state: StateDep) -> Response:
     cfg = state.settings.model_dump()
     cfg["redis_url"] = _redact(cfg["redis_url"])
@@ -99,7 +114,11 @@ class InvalidateRequest(BaseModel):
         return keys
 
 
-@router.post("/v1/invalidate", summary="Drop cached copies so the next read loads Postgres")
+@router.post(
+    "/v1/invalidate",
+    dependencies=[requires(ADMIN)],
+    summary="Drop cached copies so the next read loads Postgres",
+)
 async def invalidate(request: InvalidateRequest, state: StateDep) -> Response:
     dropped, skipped = await state.store.invalidate(request.collection, request.keys)
     return json_response({"invalidated": dropped, "skipped_pending": skipped})

@@ -1,0 +1,146 @@
+"""The API's edges: who may call what (declared per route, under any mount point), and
+what the schema, /v1/config, request ids, logs and broken clients show."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from service.api.app import create_app
+from service.config import Settings
+from service.dev.embedded import free_port
+
+KEYS = "rk:read,wk:write,ak:admin"
+READ_KEY = {"Authorization": "Bearer rk"}
+WRITE_KEY = {"Authorization": "Bearer wk"}
+ADMIN_KEY = {"Authorization": "Bearer ak"}
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings, root_path: str = "") -> AsyncIterator[httpx.AsyncClient]:
+    """The app behind a real uvicorn (httptools), optionally with ``--root-path``: the
+    client talks to it as the proxy that strips the mount point does."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=free_port(),
+        root_path=root_path,
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        url = f"http://127.0.0.1:{config.port}"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def keyed(
+    settings_factory: Callable[..., Settings], pg: Any, redis: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with served(settings_factory(api_keys=KEYS)) as client:
+        yield client
+
+
+def assert_refused(r: httpx.Response, status: int) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    code = "unauthorized" if status == 401 else "forbidden"
+    assert r.json()["error"]["code"] == code
+    if status == 401:
+        assert r.headers["www-authenticate"] == 'Bearer realm="wbcache"'
+
+
+@pytest.mark.parametrize("collection", ["invalidated", "dead-letters-x", "invalidate", "batch"])
+async def test_collections_named_like_admin_routes_are_records(
+    keyed: httpx.AsyncClient, collection: str
+) -> None:
+    path = f"/v1/{collection}/k"
+    assert (await keyed.put(path, json={"a": 1}, headers=WRITE_KEY)).status_code == 201
+    r = await keyed.get(path, headers=READ_KEY)
+    assert r.status_code == 200 and r.json() == {"a": 1}
+    assert (await keyed.head(path, headers=READ_KEY)).status_code == 200
+    assert_refused(await keyed.put(path, json={"a": 2}, headers=READ_KEY), 403)
+    assert_refused(await keyed.delete(path, headers=READ_KEY), 403)
+    assert_refused(await keyed.get(path), 401)
+
+
+async def test_admin_routes_need_admin(keyed: httpx.AsyncClient) -> None:
+    calls = [
+        ("POST", "/v1/invalidate", {"collection": "c"}),
+        ("GET", "/v1/dead-letters", None),
+        ("POST", "/v1/dead-letters:retry", None),
+        ("POST", "/v1/dead-letters:drop", None),
+    ]
+    for method, path, body in calls:
+        for headers, status in ((READ_KEY, 403), (WRITE_KEY, 403), ({}, 401)):
+            r = await keyed.request(method, path, json=body, headers=headers)
+            assert_refused(r, status)
+        r = await keyed.request(method, path, json=body, headers=ADMIN_KEY)
+        assert r.status_code == 200, (method, path, r.text)
+
+
+async def test_refused_before_the_body_is_read(keyed: httpx.AsyncClient) -> None:
+    # Malformed JSON from a caller without a key: 401, not FastAPI's 422 for the body.
+    r = await keyed.post(
+        "/v1/invalidate", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_refused(r, 401)
+    r = await keyed.post(
+        "/v1/invalidate",
+        content=b"{not json",
+        headers={"content-type": "application/json", **READ_KEY},
+    )
+    assert_refused(r, 403)
+
+
+async def test_unmatched_paths_tell_nothing(keyed: httpx.AsyncClient) -> None:
+    # No route, no requirement: the same fixed 404 for everyone, keys or not.
+    for path in ("/nothing", "/v1", "/nothing/else"):
+        for headers in ({}, READ_KEY):
+            r = await keyed.get(path, headers=headers)
+            assert r.status_code == 404, (path, r.status_code)
+            assert r.json() == {
+                "error": {
+                    "code": "not_found",
+                    "message": "No such route. Records live at /v1/{collection}/{key}.",
+                }
+            }
+    # Anything with a record's shape is a record route: no key, no word about the record.
+    for path in ("/v1/c/absent", "/v1/c/a/b", "/v1/C/k"):
+        assert_refused(await keyed.get(path), 401)
+
+
+@pytest.mark.parametrize("root_path", ["/api", "/deep/mount"])
+async def test_under_a_root_path_a_read_key_cannot_write(
+    settings_factory: Callable[..., Settings], pg: Any, redis: Any, root_path: str
+) -> None:
+    async with served(settings_factory(api_keys=KEYS), root_path) as api:
+        assert_refused(await api.put("/v1/c/k", json=1, headers=READ_KEY), 403)
+        assert_refused(await api.patch("/v1/c/k", json=1, headers=READ_KEY), 403)
+        assert_refused(await api.delete("/v1/c/k", headers=READ_KEY), 403)
+        assert_refused(await api.post("/v1/batch", json={}, headers=READ_KEY), 403)
+        assert_refused(
+            await api.post("/v1/invalidate", json={"collection": "c"}, headers=WRITE_KEY), 403
+        )
+        assert_refused(await api.get("/v1/stats"), 401)
+        assert (await api.put("/v1/c/k", json=1, headers=WRITE_KEY)).status_code == 201
+        assert (await api.get("/v1/c/k", headers=READ_KEY)).json() == 1
+        assert (await api.get("/v1/stats", headers=READ_KEY)).status_code == 200
+        assert (await api.get("/healthz")).status_code == 200
