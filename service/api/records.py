@@ -16,6 +16,8 @@ from starlette.convertors import Convertor, register_url_convertor
 from service.api.auth import READ, WRITE, Requirement, ScopedRoute, requires
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
+    COLLECTION_RE,
+    MAX_KEY_BYTES,
     etag,
     is_json,
     none_match_hits,
@@ -253,6 +255,32 @@ ROUTES: tuple[RecordRoute, ...] = (
     RecordRoute("DELETE", delete_record, WRITE, "Delete a record", 204),
 )
 
+# The handlers read both names from the raw path (``http.record_name``), so FastAPI sees no
+# parameters to document: they are declared here, for clients generated from the schema.
+_PATH_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "collection",
+        "in": "path",
+        "required": True,
+        "description": "1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit.",
+        "schema": {"type": "string", "pattern": COLLECTION_RE.pattern, "maxLength": 64},
+    },
+    {
+        "name": "key",
+        "in": "path",
+        "required": True,
+        "description": f"One path segment: 1-{MAX_KEY_BYTES} bytes of UTF-8 after "
+        "percent-decoding, no control characters. Percent-encode '/' as %2F: it is part "
+        "of the key, not a separator.",
+        "schema": {"type": "string", "minLength": 1},
+    },
+]
+
+
+def _openapi_extra(route: RecordRoute) -> dict[str, Any]:
+    return {**(route.openapi_extra or {}), "parameters": [dict(p) for p in _PATH_PARAMETERS]}
+
+
 for _route in ROUTES:
     router.add_api_route(
         PATH,
@@ -263,5 +291,5 @@ for _route in ROUTES:
         responses=_ERRORS,
         summary=_route.summary,
         operation_id=_route.operation_id,
-        openapi_extra=_route.openapi_extra,
+        openapi_extra=_openapi_extra(_route),
     )
