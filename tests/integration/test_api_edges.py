@@ -165,3 +165,22 @@ async def test_every_path_parameter_is_declared(api: httpx.AsyncClient) -> None:
         if p["name"] == "key"
     )
     assert "%2F" in key["description"]
+
+
+async def test_config_shows_no_credential(
+    settings_factory: Callable[..., Settings], servers: Any, pg: Any, redis: Any
+) -> None:
+    secret = "Pa55-w0rd"
+    redis_url = servers.redis_url.replace("redis://", f"redis://default:{secret}@", 1)
+    database_url = f"{servers.database_url}?password={secret}&sslpassword={secret}"
+    settings = settings_factory(
+        redis_url=redis_url, database_url=database_url, api_keys=f"{secret}:admin"
+    )
+    async with served(settings) as api:
+        r = await api.get("/v1/config", headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+        assert secret not in r.text
+        cfg = r.json()
+        assert cfg["redis_url"].startswith("redis://default:***@")
+        assert "password=***&sslpassword=***" in cfg["database_url"]
+        assert cfg["api_keys"] == "***"
