@@ -5,6 +5,7 @@ what is each route's declaration (service/api/auth.py)."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 import uuid
 
@@ -17,6 +18,11 @@ from service.api.metrics import Metrics
 # costs a getrandom() system call per request).
 _ID_PREFIX = uuid.uuid4().hex[:8]
 _id_counter = itertools.count(1)
+
+
+# A client's X-Request-ID is taken only when it cannot forge anything where it is copied
+# (log lines, JSON logs, response headers); otherwise the request gets an id of ours.
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 def _next_request_id() -> str:
@@ -35,13 +41,14 @@ class RequestContext:
         rid = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                rid = value.decode("latin-1")[:128]
+                if _SAFE_REQUEST_ID.fullmatch(value):
+                    rid = value.decode("ascii")
                 break
         rid = rid or _next_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
-        header = (b"x-request-id", rid.encode("latin-1"))
+        header = (b"x-request-id", rid.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

@@ -184,3 +184,25 @@ async def test_config_shows_no_credential(
         assert cfg["redis_url"].startswith("redis://default:***@")
         assert "password=***&sslpassword=***" in cfg["database_url"]
         assert cfg["api_keys"] == "***"
+
+
+FORGED_REQUEST_IDS = [
+    'x" level=ERROR msg="forged',
+    "two words",
+    "line\nlevel=ERROR request_id=admin",
+    "k=v",
+    "tab\there",
+    "{}",
+    "a" * 129,
+]
+
+
+async def test_unsafe_request_ids_are_replaced(api: httpx.AsyncClient) -> None:
+    for forged in [*FORGED_REQUEST_IDS, "caf\u00e9"]:
+        r = await api.get("/v1/c/k", headers=[(b"X-Request-ID", forged.encode())])
+        rid = r.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{16}", rid), (forged, rid)
+    for fine in ("a", "req-42", "A.b_c:d-e", "7" * 128):
+        assert (await api.get("/healthz", headers={"X-Request-ID": fine})).headers[
+            "x-request-id"
+        ] == fine
