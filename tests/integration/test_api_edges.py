@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -206,3 +207,27 @@ async def test_unsafe_request_ids_are_replaced(api: httpx.AsyncClient) -> None:
         assert (await api.get("/healthz", headers={"X-Request-ID": fine})).headers[
             "x-request-id"
         ] == fine
+
+
+def _json_lines(output: str) -> list[dict[str, Any]]:
+    lines = output.splitlines()
+    assert lines, "the server logged nothing"
+    entries = []
+    for line in lines:
+        entry = json.loads(line)  # every line, uvicorn's own included
+        assert isinstance(entry, dict), line
+        assert {"ts", "level", "logger", "request_id", "msg"} <= set(entry), line
+        entries.append(entry)
+    return entries
+
+
+async def test_json_logs_of_a_real_server(procs: Callable[..., Any]) -> None:
+    api = procs("api", LOG_JSON="true", LOG_LEVEL="DEBUG")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        assert (await http.put("/v1/logs/k", json={"a": "caf\u00e9"})).status_code == 201
+        assert (await http.get("/v1/logs/absent")).status_code == 404
+        assert (await http.get("/no/such/route")).status_code == 404
+    assert api.terminate(15) is not None
+    entries = _json_lines(api.output())
+    loggers = {e["logger"] for e in entries}
+    assert any(name.startswith("uvicorn") for name in loggers), loggers
