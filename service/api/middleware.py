@@ -47,7 +47,7 @@ class RequestContext:
         rid = rid or _next_request_id()
         token = request_id.set(rid)
         started = time.perf_counter()
-        status = 500
+        status = 0
         header = (b"x-request-id", rid.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:
@@ -59,7 +59,12 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
+            # Returned without answering: the client left first (nginx's 499).
+            status = status or 499
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_http(

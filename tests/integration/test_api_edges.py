@@ -17,6 +17,7 @@ import uvicorn
 from service.api.app import create_app
 from service.config import Settings
 from service.dev.embedded import free_port
+from tests.conftest import wait_until
 
 KEYS = "rk:read,wk:write,ak:admin"
 READ_KEY = {"Authorization": "Bearer rk"}
@@ -268,3 +269,52 @@ async def test_etags_compare_as_text(api: httpx.AsyncClient) -> None:
     r = await api.get("/v1/tags/k", headers={"If-None-Match": f'"{version}"'})
     assert r.status_code == 304
     assert (await api.get("/v1/tags/k")).json() == 4
+
+
+async def _send_partial(
+    port: int, method: str, path: str, request_id: str, media: str = "application/json"
+) -> None:
+    """Headers announcing 1,000 bytes, then 10 of them, then the connection closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {media}\r\n"
+        f"Content-Length: 1000\r\nX-Request-ID: {request_id}\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"a": "xxx')
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_client_that_leaves_mid_body_is_no_error(procs: Callable[..., Any]) -> None:
+    api = procs("api", LOG_JSON="true")
+    forged = 'x" level=ERROR msg="forged=1'
+    calls = [
+        ("PUT", "/v1/gone/k", "application/json"),  # the records lane
+        ("PATCH", "/v1/gone/k", "application/merge-patch+json"),
+        ("POST", "/v1/batch", "application/json"),  # a FastAPI route reading its own body
+        ("POST", "/v1/invalidate", "application/json"),  # FastAPI reads this body (400)
+    ]
+    for method, path, media in calls:
+        await _send_partial(api.port, method, path, forged, media)
+
+    async def logged() -> bool:
+        output: str = api.output()
+        answered = output.count("disconnected before sending its whole request")
+        return answered >= 3 or output.count("Traceback") >= 2
+
+    await wait_until(logged)
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+        assert (await http.get("/v1/gone/k")).status_code == 404  # nothing was written
+        assert (await http.get("/v1/stats")).json()["pending"] == 0
+        metrics = (await http.get("/metrics")).text
+    api.stop()
+    output = api.output()
+    assert "Traceback" not in output and "forged" not in output, output
+    entries = _json_lines(output)
+    assert not [e for e in entries if e["level"] in ("ERROR", "CRITICAL")], output
+    for e in entries:
+        if "disconnected" in e["msg"]:
+            assert e["level"] == "INFO" and re.fullmatch(r"[0-9a-f]{16}", e["request_id"])
+    assert 'status="499"' in metrics  # counted as the client's doing, not a 500
