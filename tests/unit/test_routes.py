@@ -5,12 +5,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from service.api import errors
 from service.api.app import create_app
-from service.api.auth import ADMIN, METRICS, PUBLIC, READ, WRITE, Requirement, ScopedRoute
+from service.api.auth import (
+    ADMIN,
+    METRICS,
+    PUBLIC,
+    READ,
+    WRITE,
+    ApiKeys,
+    Guard,
+    Requirement,
+    ScopedRoute,
+    requires,
+)
 from service.api.lane import LANE, is_record_request
 from service.config import Settings
 
@@ -112,3 +126,25 @@ def test_the_lane_serves_exactly_the_record_operations_of_the_schema() -> None:
             concrete = path.replace("{collection}", "c").replace("{key}", "k")
             for method in operations:
                 assert not is_record_request(_scope(method.upper(), concrete)), (method, path)
+
+
+async def test_the_declaration_enforces_on_a_plain_route_too() -> None:
+    """``requires`` is a real dependency: on a route that is not a ScopedRoute it still
+    refuses (after the body is read, which is why our routers use ScopedRoute)."""
+    app = FastAPI()
+    app.state.guard = Guard(ApiKeys.parse("r:read,a:admin"), metrics_public=True)
+    errors.install(app)
+
+    @app.get("/x", dependencies=[requires(ADMIN)])
+    async def x() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/x")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="wbcache"'
+        assert r.json()["error"]["code"] == "unauthorized"
+        r = await client.get("/x", headers={"Authorization": "Bearer r"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        r = await client.get("/x", headers={"Authorization": "Bearer a"})
+        assert r.status_code == 200 and r.json() == {"ok": "yes"}
