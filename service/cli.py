@@ -72,6 +72,8 @@ def serve(
         # SIGTERM: stop accepting, finish in-flight requests within this bound.
         timeout_graceful_shutdown=10,
         log_level=settings.log_level.lower(),
+        # uvicorn's loggers go through setup()'s handler (LOG_JSON), not a config of its own.
+        log_config=None,
         access_log=False,
     )
 

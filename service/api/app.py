@@ -17,8 +17,8 @@ from service.adapters.postgres import PgPool
 from service.adapters.redis import create_redis
 from service.adapters.redis_check import check_redis_durability
 from service.api import batch, dashboard, deadletters, errors, ops, records
-from service.api.auth import ApiKeys
-from service.api.lane import WbcacheApp, serve_record
+from service.api.auth import ApiKeys, Guard
+from service.api.lane import RecordsLane, WbcacheApp
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
 from service.api.state import AppState, HitCounters
@@ -136,16 +136,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _offline_docs(app)
     metrics = Metrics()
     app.state.metrics = metrics
-    api_keys = ApiKeys.parse(settings.api_keys)
-    app.add_middleware(
-        RequestContext,
-        metrics=metrics,
-        api_keys=api_keys,
-        metrics_public=settings.metrics_public,
-    )
-    # Record requests skip FastAPI's stack (service/api/lane.py); the router below still
-    # holds them for the OpenAPI schema.
-    app.records_lane = RequestContext(serve_record, metrics, api_keys, settings.metrics_public)
+    # What each route declares it needs is checked against these (service/api/auth.py).
+    guard = Guard(ApiKeys.parse(settings.api_keys), settings.metrics_public)
+    app.state.guard = guard
+    app.add_middleware(RequestContext, metrics=metrics)
+    # Record requests skip FastAPI's stack (service/api/lane.py); the router below holds
+    # the same route table for the OpenAPI schema.
+    app.records_lane = RequestContext(RecordsLane(guard), metrics)
     app.include_router(records.router)
     app.include_router(ops.router)
     app.include_router(deadletters.router)

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from service.api.auth import WRITE, ScopedRoute, requires
 from service.api.deps import StateDep
 from service.api.errors import (
     DOCUMENT_STATUS,
@@ -28,7 +29,9 @@ from service.core.documents import DocumentError
 from service.core.errors import classify
 from service.core.records import Op, Preconditions, Record, WriteCall, WriteResult
 
-router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1", tags=["records"], responses=ERROR_RESPONSES, route_class=ScopedRoute
+)
 
 MAX_OPERATIONS = 1000
 _OPS = {"put", "patch", "delete", "get"}
@@ -105,6 +108,7 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
 
 @router.post(
     "/batch",
+    dependencies=[requires(WRITE)],
     summary="Up to 1,000 operations in one request, each with its own result",
     openapi_extra={
         "requestBody": {

@@ -16,6 +16,7 @@ from importlib.resources.abc import Traversable
 
 from fastapi import APIRouter, Request, Response
 
+from service.api.auth import PUBLIC, ScopedRoute, requires
 from service.api.errors import ApiError
 
 PAGE_CACHE_CONTROL = "no-cache"
@@ -106,7 +107,12 @@ def load_bundle(directory: Traversable) -> Bundle:
 
 BUNDLE = load_bundle(files("service") / "dashboard")
 
-router = APIRouter(tags=["dashboard"], include_in_schema=False)
+router = APIRouter(
+    tags=["dashboard"],
+    include_in_schema=False,
+    route_class=ScopedRoute,
+    dependencies=[requires(PUBLIC)],
+)
 
 
 def _not_modified(request: Request, etag: str) -> bool:

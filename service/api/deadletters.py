@@ -7,11 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
+from service.api.auth import ADMIN, ScopedRoute, requires
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, ApiError, json_response
 from service.api.http import COLLECTION_RE
 
-router = APIRouter(prefix="/v1", tags=["dead letters"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1",
+    tags=["dead letters"],
+    responses=ERROR_RESPONSES,
+    route_class=ScopedRoute,
+    dependencies=[requires(ADMIN)],
+)
 
 
 class ItemRef(BaseModel):

@@ -15,6 +15,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from service.core.documents import DocumentError
 from service.core.errors import Unavailable, classify
@@ -95,10 +97,21 @@ def unavailable_message(exc: Unavailable) -> str:
     return f"{exc.dependency.capitalize()} cannot serve this now ({exc.detail}); retry later."
 
 
+class _Unanswered(Response):
+    """For a client that left before its request was read: nothing to send, and nobody to
+    send it to (uvicorn closes the connection; RequestContext counts it as 499)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+
 def response_for(exc: Exception) -> Response | None:
     """The response for the errors handlers raise on purpose and for dependency failures
     (``classify``: 503 + Retry-After); None for any other exception (a bug: 500). Used by
     FastAPI's handlers and by the records lane."""
+    if isinstance(exc, ClientDisconnect):
+        log.info("the client disconnected before sending its whole request; not answered")
+        return _Unanswered()
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, DocumentError):
@@ -134,6 +147,7 @@ def install(app: FastAPI) -> None:
     # Dependency errors by their base classes: ``classify`` decides (503 or a bug's 500).
     # Handled here, in ExceptionMiddleware, not by ServerErrorMiddleware, which re-raises.
     for kind in (
+        ClientDisconnect,
         ApiError,
         DocumentError,
         Unavailable,

@@ -15,6 +15,8 @@ COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_KEY_BYTES = 512
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
+# The only text our ETags hold: a version in decimal, ASCII digits, no leading zero.
+_VERSION_TAG = re.compile(r"[1-9][0-9]*")
 
 
 def validate_collection(collection: str) -> None:
@@ -109,7 +111,10 @@ def parse_match(value: str | None, header: str) -> Match | None:
     """An If-Match / If-None-Match field: ``*`` or a list of entity tags.
 
     Strong comparison (If-Match) ignores weak tags; weak comparison (If-None-Match) takes
-    them, as RFC 9110 §13.1.1-2 say. Tags we never issue (not a version) match nothing.
+    them, as RFC 9110 §13.1.1-2 say. Both compare opaque-tags character by character, so
+    only the exact text we issue names a version: ``"0123"``, ``"+123"`` or ``"١٢٣"`` are
+    tags we never issue and match nothing (``int()`` would have read them as 123). For the
+    canonical text ``int`` is one-to-one, so the versions compare as the tags would.
     """
     if value is None:
         return None
@@ -123,7 +128,7 @@ def parse_match(value: str | None, header: str) -> Match | None:
         if not m:
             raise ApiError(400, "bad_request", f"{header} must be '*' or a list of entity tags.")
         weak, tag = m.group(1), m.group(2)
-        if tag.isdigit() and (header == "If-None-Match" or not weak):
+        if _VERSION_TAG.fullmatch(tag) and (header == "If-None-Match" or not weak):
             versions.add(int(tag))
         pos = m.end()
     return Match(versions=frozenset(versions))

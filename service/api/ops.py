@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
 
+from service.api.auth import ADMIN, METRICS, PUBLIC, READ, ScopedRoute, requires
 from service.api.deps import StateDep
 from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
 from service.api.state import AppState
+from service.config import Settings
 from service.core import stats
 from service.core.errors import REDIS_DOWN
 
-router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES, route_class=ScopedRoute)
 
 
 async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:
@@ -25,12 +28,18 @@ async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str
     return await stats.collect(state.redis, state.keys, raw_counters)
 
 
-@router.get("/healthz", summary="Liveness: 200 while the process runs")
+@router.get(
+    "/healthz", dependencies=[requires(PUBLIC)], summary="Liveness: 200 while the process runs"
+)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: 200 while Redis answers (writes are accepted)")
+@router.get(
+    "/readyz",
+    dependencies=[requires(PUBLIC)],
+    summary="Readiness: 200 while Redis answers (writes are accepted)",
+)
 async def readyz(state: StateDep) -> Response:
     body: dict[str, Any] = {"postgres": state.postgres_status}
     try:
@@ -50,7 +59,11 @@ async def readyz(state: StateDep) -> Response:
     return json_response(body)
 
 
-@router.get("/v1/stats", summary="Queue depth, lag, dead letters, workers, hit ratio")
+@router.get(
+    "/v1/stats",
+    dependencies=[requires(READ)],
+    summary="Queue depth, lag, dead letters, workers, hit ratio",
+)
 async def get_stats(state: StateDep) -> Response:
     s = await current_stats(state)
     per = await stats.pending_by_collection(state.redis, state.keys)
@@ -59,29 +72,80 @@ async def get_stats(state: StateDep) -> Response:
     return json_response(s)
 
 
-@router.get("/metrics", summary="Prometheus text exposition")
+@router.get("/metrics", dependencies=[requires(METRICS)], summary="Prometheus text exposition")
 async def metrics(state: StateDep) -> Response:
     s = await current_stats(state, raw_counters=True)
     return Response(state.metrics.render(s), media_type=CONTENT_TYPE_LATEST)
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+# Settings whose whole value is a secret, and URL query parameters that carry one
+# (libpq's password, sslpassword and passfile, Redis' password, tokens, keys).
+_SECRET_SETTING = re.compile(r"password|passwd|secret|token|api_keys?$", re.IGNORECASE)
+_SECRET_PARAM = re.compile(r"pass|secret|token|key|auth|credential", re.IGNORECASE)
+_KEY_VALUE = re.compile(
+    r"""(\b[\w.-]*(?:pass|secret|token|key|auth|credential)[\w.-]*\s*=\s*)('[^']*'|\S+)""",
+    re.IGNORECASE,
+)
+REDACTED = "***"
 
 
-@router.get("/v1/config", summary="The effective configuration (secrets redacted)")
+def _redact_param(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    if eq and _SECRET_PARAM.search(unquote(name)):
+        return f"{name}={REDACTED}"
+    return param
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials in it: the userinfo's password (for Redis schemes a
+    lone userinfo too, which some clients take as the password) and secret-looking query
+    parameters; a string that is no URL (a libpq ``key=value`` DSN) loses secret values."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _KEY_VALUE.sub(rf"\g<1>{REDACTED}", url)
+    # The authority ends at the last '@' before the query: a password may hold '/' or '@'.
+    before_query = re.split(r"[?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = before_query.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            hidden = f"{user}:{REDACTED}"
+        elif scheme.lower().startswith(("redis", "valkey", "unix")):
+            hidden = REDACTED
+        else:
+            hidden = user
+        rest = hidden + rest[len(userinfo) :]
+    head, qmark, query = rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        params = "&".join(_redact_param(p) for p in query.split("&"))
+        rest = f"{head}?{params}{hash_}{fragment}"
+    return f"{scheme}://{rest}"
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as /v1/config shows them: every URL (or comma-separated list of URLs)
+    without credentials, every secret setting as ``***``."""
+    cfg = settings.model_dump()
+    for name, value in cfg.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if _SECRET_SETTING.search(name):
+            cfg[name] = REDACTED
+        elif name.endswith("_urls"):
+            cfg[name] = ",".join(redact_url(u) for u in value.split(","))
+        elif name.endswith("_url") or "://" in value:
+            cfg[name] = redact_url(value)
+    return cfg
+
+
+@router.get(
+    "/v1/config",
+    dependencies=[requires(READ)],
+    summary="The effective configuration (secrets redacted)",
+)
 async def get_config(state: StateDep) -> Response:
-    cfg = state.settings.model_dump()
-    cfg["redis_url"] = _redact(cfg["redis_url"])
-    cfg["database_url"] = _redact(cfg["database_url"])
-    for secret in ("api_keys",):
-        if cfg.get(secret):
-            cfg[secret] = "***"
-    return json_response(cfg)
+    return json_response(redacted_settings(state.settings))
 
 
 class InvalidateRequest(BaseModel):
@@ -99,7 +163,11 @@ class InvalidateRequest(BaseModel):
         return keys
 
 
-@router.post("/v1/invalidate", summary="Drop cached copies so the next read loads Postgres")
+@router.post(
+    "/v1/invalidate",
+    dependencies=[requires(ADMIN)],
+    summary="Drop cached copies so the next read loads Postgres",
+)
 async def invalidate(request: InvalidateRequest, state: StateDep) -> Response:
     dropped, skipped = await state.store.invalidate(request.collection, request.keys)
     return json_response({"invalidated": dropped, "skipped_pending": skipped})

@@ -1,14 +1,23 @@
-"""/v1/{collection}/{key}: PUT, PATCH, GET, HEAD, DELETE."""
+"""/v1/{collection}/{key}: PUT, PATCH, GET, HEAD, DELETE.
+
+``ROUTES`` at the end is the one table of record operations: FastAPI's routes (the OpenAPI
+schema, /docs) are registered from it, and the records lane (service/api/lane.py) serves
+the same methods with the same handlers and the same declared requirements."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
+from service.api.auth import READ, WRITE, Requirement, ScopedRoute, requires
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
+    COLLECTION_RE,
+    MAX_KEY_BYTES,
     etag,
     is_json,
     none_match_hits,
@@ -21,7 +30,9 @@ from service.core import documents
 from service.core.records import Op, Preconditions, Status, WriteResult
 from service.core.redis_keys import member
 
-router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1", tags=["records"], responses=ERROR_RESPONSES, route_class=ScopedRoute
+)
 
 
 class _AnyConvertor(Convertor[str]):
@@ -130,13 +141,6 @@ async def persist_through(state: AppState, collection: str, key: str, version: i
         )
 
 
-@router.put(
-    PATH,
-    status_code=200,
-    responses=_ERRORS,
-    summary="Create or replace a record",
-    openapi_extra=_PUT_BODY,
-)
 async def put_record(request: Request) -> Response:
     state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
@@ -160,9 +164,6 @@ async def put_record(request: Request) -> Response:
     )
 
 
-@router.patch(
-    PATH, responses=_ERRORS, summary="Merge-patch a record (RFC 7396)", openapi_extra=_PATCH_BODY
-)
 async def patch_record(request: Request) -> Response:
     state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
@@ -193,12 +194,6 @@ async def patch_record(request: Request) -> Response:
     )
 
 
-@router.get(
-    PATH, responses=_ERRORS, summary="Read a record (cache-aside)", operation_id="get_record"
-)
-@router.head(
-    PATH, responses=_ERRORS, summary="A record's headers, no body", operation_id="head_record"
-)
 async def get_record(request: Request) -> Response:
     state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
@@ -219,7 +214,6 @@ async def get_record(request: Request) -> Response:
     return Response(record.document, 200, headers, media_type="application/json")
 
 
-@router.delete(PATH, status_code=204, responses=_ERRORS, summary="Delete a record")
 async def delete_record(request: Request) -> Response:
     state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
@@ -233,3 +227,69 @@ async def delete_record(request: Request) -> Response:
     if mode == "through":
         await persist_through(state, collection, key, result.version)
     return Response(status_code=204, headers={"ETag": etag(result.version)})
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRoute:
+    """One record operation: what the lane serves and what the schema documents."""
+
+    method: str
+    endpoint: Endpoint
+    requirement: Requirement
+    summary: str
+    status_code: int | None = None
+    operation_id: str | None = None
+    openapi_extra: dict[str, Any] | None = None
+
+
+ROUTES: tuple[RecordRoute, ...] = (
+    RecordRoute("PUT", put_record, WRITE, "Create or replace a record", 200, None, _PUT_BODY),
+    RecordRoute(
+        "PATCH", patch_record, WRITE, "Merge-patch a record (RFC 7396)", None, None, _PATCH_BODY
+    ),
+    RecordRoute("GET", get_record, READ, "Read a record (cache-aside)", None, "get_record"),
+    RecordRoute("HEAD", get_record, READ, "A record's headers, no body", None, "head_record"),
+    RecordRoute("DELETE", delete_record, WRITE, "Delete a record", 204),
+)
+
+# The handlers read both names from the raw path (``http.record_name``), so FastAPI sees no
+# parameters to document: they are declared here, for clients generated from the schema.
+_PATH_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "collection",
+        "in": "path",
+        "required": True,
+        "description": "1-64 characters of a-z, 0-9, '_' and '-', starting with a letter or digit.",
+        "schema": {"type": "string", "pattern": COLLECTION_RE.pattern, "maxLength": 64},
+    },
+    {
+        "name": "key",
+        "in": "path",
+        "required": True,
+        "description": f"One path segment: 1-{MAX_KEY_BYTES} bytes of UTF-8 after "
+        "percent-decoding, no control characters. Percent-encode '/' as %2F: it is part "
+        "of the key, not a separator.",
+        "schema": {"type": "string", "minLength": 1},
+    },
+]
+
+
+def _openapi_extra(route: RecordRoute) -> dict[str, Any]:
+    return {**(route.openapi_extra or {}), "parameters": [dict(p) for p in _PATH_PARAMETERS]}
+
+
+for _route in ROUTES:
+    router.add_api_route(
+        PATH,
+        _route.endpoint,
+        methods=[_route.method],
+        dependencies=[requires(_route.requirement)],
+        status_code=_route.status_code,
+        responses=_ERRORS,
+        summary=_route.summary,
+        operation_id=_route.operation_id,
+        openapi_extra=_openapi_extra(_route),
+    )
