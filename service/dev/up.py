@@ -51,6 +51,7 @@ from service.dev import processes
 from service.dev.child import Child, same_process
 from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer, free_port
 from service.dev.server import tail
+from service.redaction import redact_url
 
 DATABASE = "wbcache"
 API_START_SECONDS = 60.0
@@ -67,16 +68,6 @@ class UpError(RuntimeError):
 def _say(message: str, stream: TextIO | None = None) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(f"[up] {message}", file=stream or sys.stdout, flush=True)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit((parts.scheme, f"{userinfo}@{netloc[1]}", *parts[2:]))
 
 
 def _with_database(url: str, name: str) -> str:
@@ -307,7 +298,7 @@ class Up:
         if self.signals:
             return
 
-        _say(f"migrating {_redact(database_url)}")
+        _say(f"migrating {redact_url(database_url)}")
         from service.adapters.migrate import migrate
 
         self.interruptible = True
@@ -316,7 +307,7 @@ class Up:
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            raise UpError(f"migrations failed on {_redact(database_url)}: {exc!r}") from exc
+            raise UpError(f"migrations failed on {redact_url(database_url)}: {exc!r}") from exc
         finally:
             self.interruptible = False
         if self.signals:
@@ -367,8 +358,8 @@ class Up:
             + ("" if _client_host(self.host) == self.host else f"  (listening on {self.host})"),
             f"  docs       {base}/docs",
             f"  dashboard  {base}/dashboard",
-            f"  Redis      {_redact(self.redis_url)}  {where(self.redis)}",
-            f"  Postgres   {_redact(self.database_url)}  {where(self.postgres)}",
+            f"  Redis      {redact_url(self.redis_url)}  {where(self.redis)}",
+            f"  Postgres   {redact_url(self.database_url)}  {where(self.postgres)}",
             f"  logs       {self.api.log_path} and {self.worker.log_path}"
             " (also shown here as [api] / [worker] lines)",
             f"  pids       api {self.api.pid}, worker {self.worker.pid}, up {os.getpid()}",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.api.ops import redact_url, redacted_settings
 from service.config import Settings
+from service.redaction import redact_url, redacted_settings
 
 SECRET = "s3cr3t"
 
