@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
@@ -84,6 +84,19 @@ class Record:
     document: bytes | None
     hit: bool
     dead_lettered: bool = False
+
+
+# What happened to one call of write_many / read_many: its result, or what stopped it.
+WriteOutcome = WriteResult | Exception
+ReadOutcome = Record | Exception
+_T = TypeVar("_T")
+
+
+def _own(outcome: _T | BaseException) -> _T | Exception:
+    """A gathered outcome kept as that call's own; cancellation is nobody's outcome."""
+    if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _glob_escape(text: str) -> str:
@@ -182,10 +195,15 @@ class RecordStore:
         result: list[Any] = await self.scripts.write(keys=keys, args=args)
         return result
 
-    async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteResult]:
+    async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteOutcome]:
         """Writes to distinct keys in one round trip: the write script for each, in one
         pipeline. A key that is not cached needs Postgres' version floor first, so it then
-        takes the single-key path (``write``); so does a retry after a Redis restart."""
+        takes the single-key path (``write``); so does a retry after a Redis restart.
+
+        One outcome per call, in order: its result, or the exception that stopped that
+        call alone (Postgres down for an uncached key's precondition, a Redis error reply
+        to its script); the other calls are applied all the same. Only a failure of the
+        pipeline itself (Redis unreachable) raises: then no call's fate is known."""
         if not calls:
             return []
         commands = [
@@ -195,15 +213,19 @@ class RecordStore:
             for c in calls
         ]
         raws = await self._pipelined_scripts(self.scripts.write, commands)
-        results: list[WriteResult | None] = [None] * len(calls)
+        outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = False
         for i, raw in enumerate(raws):
-            if isinstance(raw, NoScriptError) or _s(raw[0]) == "MISS":
+            if isinstance(raw, NoScriptError) or (
+                not isinstance(raw, Exception) and _s(raw[0]) == "MISS"
+            ):
                 single.append(i)
-                continue
-            results[i], schedule = _write_outcome(raw)
-            wake = wake or schedule
+            elif isinstance(raw, Exception):
+                outcomes[i] = raw  # this script's own error reply: it changed nothing
+            else:
+                outcomes[i], schedule = _write_outcome(raw)
+                wake = wake or schedule
         if wake:
             await self._wake()
         if single:
@@ -221,24 +243,19 @@ class RecordStore:
                 return_exceptions=True,
             )
             for i, outcome in zip(single, done, strict=True):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                results[i] = outcome
-        return [r for r in results if r is not None]
+                outcomes[i] = _own(outcome)
+        return [o for o in outcomes if o is not None]
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
     ) -> list[Any]:
         """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
-        first (redis-py sends one for Script objects in pipelines). NOSCRIPT (a restarted
-        Redis) comes back per command: the script did not run there."""
+        first (redis-py sends one for Script objects in pipelines). Error replies (NOSCRIPT
+        after a Redis restart, OOM, ...) come back in place, per command."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in commands:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             raws: list[Any] = await pipe.execute(raise_on_error=False)
-        for raw in raws:
-            if isinstance(raw, Exception) and not isinstance(raw, NoScriptError):
-                raise raw
         return raws
 
     async def write(
@@ -344,14 +361,15 @@ class RecordStore:
             self._on_hit(False)
         return await self._load_once(collection, key)
 
-    async def read_many(self, names: Sequence[tuple[str, str]]) -> list[Record]:
+    async def read_many(self, names: Sequence[tuple[str, str]]) -> list[ReadOutcome]:
         """Reads of several keys: the cached ones in one round trip (a pipeline of HMGET),
-        the others through the cache-aside path of ``read``."""
+        the others through the cache-aside path of ``read``. One outcome per name: its
+        record, or the exception that stopped its read alone (Postgres down for a miss)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for collection, key in names:
                 pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
             rows: list[list[Any]] = await pipe.execute()
-        records: list[Record | None] = [None] * len(names)
+        outcomes: list[ReadOutcome | None] = [None] * len(names)
         misses: list[int] = []
         for i, (v, d, t, x) in enumerate(rows):
             if v is None:
@@ -359,11 +377,13 @@ class RecordStore:
                 continue
             if self._on_hit:
                 self._on_hit(True)
-            records[i] = _cached_record(v, d, t, x)
-        loaded = await asyncio.gather(*(self.read(*names[i]) for i in misses))
-        for i, record in zip(misses, loaded, strict=True):
-            records[i] = record
-        return [r for r in records if r is not None]
+            outcomes[i] = _cached_record(v, d, t, x)
+        loaded = await asyncio.gather(
+            *(self.read(*names[i]) for i in misses), return_exceptions=True
+        )
+        for i, outcome in zip(misses, loaded, strict=True):
+            outcomes[i] = _own(outcome)
+        return [o for o in outcomes if o is not None]
 
     async def _load_once(self, collection: str, key: str) -> Record:
         """Concurrent misses of one key in this process share one Postgres read."""
