@@ -119,7 +119,9 @@ async def batch(request: Request, state: StateDep) -> Response:
     header = request.headers.get("write-mode")
     write_mode(state, header, "")  # a bad Write-Mode is refused before the body is read
     limit = (state.settings.max_document_bytes + 1024) * 8 + 1024 * 1024
-    body = documents.parse(await read_body(request, limit))
+    # Every operation's document and patch is held to the depth limit here, before any
+    # operation runs: a batch with one too deep is refused whole.
+    body = documents.parse(await read_body(request, limit), nesting=documents.BATCH_NESTING)
     ops = body.get("operations") if isinstance(body, dict) else None
     if not isinstance(ops, list) or not ops:
         raise ApiError(422, "invalid_batch", 'The body is {"operations": [ ... ]}.')

@@ -40,16 +40,58 @@ def _checked_int(text: str) -> int:
     return value
 
 
-def parse(body: bytes) -> Any:
+# How deep arrays and objects may nest in a document or a merge patch (a scalar is 0, []
+# is 1). orjson writes at most 254 levels and reads at most 1024; Python's recursion
+# limit sits in between: past this limit, refuse with 422 before anything is written.
+MAX_DEPTH = 100
+# How deep a batch's documents and patches sit in its body: {"operations": [{...: doc}]}.
+BATCH_NESTING = 3
+
+_TOO_DEEP = (
+    f"Arrays and objects nest more than {MAX_DEPTH} levels deep; a document or merge patch "
+    f"may nest at most {MAX_DEPTH}."
+)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Does ``value`` nest more than ``limit`` arrays/objects? Level by level, no
+    recursion (a body may be 1,000 levels deep)."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        level = [
+            child
+            for parent in level
+            for child in (parent.values() if isinstance(parent, dict) else parent)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return bool(level)
+
+
+def parse(body: bytes, nesting: int = 0) -> Any:
+    """A request body as JSON, refused (``DocumentError``) if the service could not store
+    it as sent. ``nesting``: how deep the documents sit inside the body (a batch's)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson reads at most 1024 levels
+            raise DocumentError("too_deep", _TOO_DEEP) from exc
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
+    # Nesting: counting brackets (C speed) rules out almost every body before the walk.
+    limit = MAX_DEPTH + nesting
+    if body.count(b"[") + body.count(b"{") > limit and _deeper_than(value, limit):
+        raise DocumentError("too_deep", _TOO_DEEP)
     # orjson turns integers beyond 64 bits into floats, silently losing digits: refuse them
     # (the cheap byte test rules out almost every body).
     if _LONG_DIGITS.search(body):
         json.loads(body, parse_int=_checked_int)
     return value
+
+
+def loads(stored: bytes) -> Any:
+    """A document this service stored (canonical bytes): checked when it came in."""
+    return orjson.loads(stored)
 
 
 def dumps(value: Any) -> bytes:

@@ -325,7 +325,7 @@ class RecordStore:
             current = await self.read(collection, key, fill=False)
             if current.document is None:
                 return WriteResult(Status.NOT_FOUND), None
-            merged = documents.merge_patch(documents.parse(current.document), patch)
+            merged = documents.merge_patch(documents.loads(current.document), patch)
             body = documents.canonical(merged, self.settings.max_document_bytes)
             stored = None
             if not current.hit:

@@ -103,3 +103,39 @@ def test_integers_beyond_64_bits_in_a_body_are_refused() -> None:
         "s": "12345678901234567890123",
     }
     assert documents.parse(b"-9223372036854775808") == -(2**63)
+
+
+def nested(depth: int, leaf: bytes = b"1") -> bytes:
+    """``depth`` levels of alternating objects and arrays around ``leaf``."""
+    body = leaf
+    for i in range(depth):
+        body = b'{"a":' + body + b"}" if i % 2 else b"[" + body + b"]"
+    return body
+
+
+def test_depth_up_to_the_limit_is_accepted() -> None:
+    value = documents.parse(nested(documents.MAX_DEPTH))
+    assert documents.canonical(value, 1 << 20) == nested(documents.MAX_DEPTH)
+    assert documents.parse(nested(documents.MAX_DEPTH + 3), nesting=3) is not None
+
+
+@pytest.mark.parametrize("depth", [documents.MAX_DEPTH + 1, 255, 1000, 1024, 1025, 5000])
+def test_deeper_than_the_limit_is_refused(depth: int) -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(nested(depth))
+    assert exc.value.code == "too_deep"
+    assert str(documents.MAX_DEPTH) in exc.value.message
+
+
+def test_deep_body_with_long_integers_is_too_deep_not_a_recursion_error() -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(nested(1000, b"123456789012345678901234567890"))
+    assert exc.value.code == "too_deep"
+
+
+def test_many_brackets_in_a_shallow_body_are_fine() -> None:
+    # Past the cheap bracket count, the real walk decides: wide is not deep.
+    wide = [{"a": [i]} for i in range(1000)]
+    assert documents.parse(orjson.dumps(wide)) == wide
+    text = {"s": "[{" * 500}  # brackets inside strings do not nest anything
+    assert documents.parse(orjson.dumps(text)) == text
