@@ -139,3 +139,60 @@ def test_many_brackets_in_a_shallow_body_are_fine() -> None:
     assert documents.parse(orjson.dumps(wide)) == wide
     text = {"s": "[{" * 500}  # brackets inside strings do not nest anything
     assert documents.parse(orjson.dumps(text)) == text
+
+
+# Numbers: one rule. What the service cannot keep exactly is refused.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.1000000000000000000001",  # orjson would round it to 0.1
+        "1.0000000000000001",
+        "9007199254740993.0",  # 2**53 + 1 is no double
+        "123456789.1234567891",
+        "1.2345678901234567891e-5",
+        "12345678901234567891e5",
+        "1e400",
+        "-1E+400",
+        "1e-400",  # underflows to 0.0
+        "18446744073709551616",  # 2**64
+        "-9223372036854775809",  # -2**63 - 1
+    ],
+)
+def test_numbers_the_service_cannot_keep_exactly_are_refused(text: str) -> None:
+    for body in (text, f'{{"a": [1, {{"n": {text}}}]}}'):
+        with pytest.raises(DocumentError) as exc:
+            documents.parse(body.encode())
+        assert exc.value.code == "invalid_document"
+        assert text[:20] in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.1",
+        "0.30000000000000004",  # 17 digits, and exactly what a double reads back as
+        "1.7976931348623157e308",
+        "2.2250738585072014e-308",
+        "5e-324",
+        "1.0000000000000000",  # the value is 1
+        "1234567890123456.0",
+        "1e22",
+        "1E-99",
+        "0e5000",
+        "-0.0",
+        "1796080422510643",  # integers within 64 bits, however long
+        "18446744073709551615",
+        "-9223372036854775808",
+    ],
+)
+def test_numbers_kept_exactly_are_accepted(text: str) -> None:
+    value = documents.parse(text.encode())
+    assert float(value) == float(text)
+    assert documents.parse(f'{{"n": "{text}0000000000000000001"}}'.encode())  # a string
+
+
+def test_the_number_rule_does_not_hide_malformed_json() -> None:
+    for body in (b'{"a": nope, "b": 1e400}', b'{"a": 1.00000000000000000001, "b": nope}'):
+        with pytest.raises(DocumentError) as exc:
+            documents.parse(body)
+        assert exc.value.code == "malformed_json", body
