@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -76,9 +77,10 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         merged: bytes | None = None
         if kind == "put":
             doc = documents.canonical(op["document"], max_bytes)
-            result = await state.store.write(Op.PUT, collection, key, doc, pre)
+            call = WriteCall(Op.PUT, collection, key, doc, pre)
+            result = await state.store.write(call)
             if overflow_through(state, result):
-                result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+                result = await state.store.write(replace(call, force=True))
                 through = True
         elif kind == "patch":
             result, merged = await state.store.patch(collection, key, op["patch"], pre)
@@ -88,9 +90,10 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
                 )
                 through = True
         else:
-            result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+            call = WriteCall(Op.DELETE, collection, key, pre=pre)
+            result = await state.store.write(call)
             if overflow_through(state, result):
-                result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+                result = await state.store.write(replace(call, force=True))
                 through = True
         check_write(result)
         if through:
@@ -221,7 +224,7 @@ async def _pipelined_writes(
                 doc = documents.canonical(op["document"], state.settings.max_document_bytes)
                 calls.append(WriteCall(Op.PUT, collection, key, doc, pre))
             else:
-                calls.append(WriteCall(Op.DELETE, collection, key, b"", pre))
+                calls.append(WriteCall(Op.DELETE, collection, key, pre=pre))
             called.append(i)
         except Exception as exc:
             results[i] = _failure(exc)

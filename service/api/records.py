@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,7 +20,7 @@ from service.api.http import (
 from service.api.state import AppState
 from service.config import WriteMode
 from service.core import documents
-from service.core.records import Op, Preconditions, Status, WriteResult
+from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
 
 router = APIRouter(prefix="/v1", tags=["records"], responses=ERROR_RESPONSES)
@@ -151,9 +152,10 @@ async def put_record(request: Request) -> Response:
     mode = write_mode(state, request.headers.get("write-mode"), collection)
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     doc = documents.canonical(documents.parse(body), state.settings.max_document_bytes)
-    result = await state.store.write(Op.PUT, collection, key, doc, pre)
+    call = WriteCall(Op.PUT, collection, key, doc, pre)
+    result = await state.store.write(call)
     if overflow_through(state, result):
-        result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+        result = await state.store.write(replace(call, force=True))
         mode = "through"
     check_write(result)
     if mode == "through":
@@ -230,9 +232,10 @@ async def delete_record(request: Request) -> Response:
     collection, key = record_name(request)
     pre = _preconditions(request)
     mode = write_mode(state, request.headers.get("write-mode"), collection)
-    result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+    call = WriteCall(Op.DELETE, collection, key, pre=pre)
+    result = await state.store.write(call)
     if overflow_through(state, result):
-        result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+        result = await state.store.write(replace(call, force=True))
         mode = "through"
     check_write(result)
     if mode == "through":
