@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from decimal import Decimal
+from itertools import accumulate, count
 from typing import Any
 
 import orjson
@@ -92,20 +94,26 @@ _TOO_DEEP = (
 )
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Does ``value`` nest more than ``limit`` arrays/objects? Level by level, no
-    recursion (a body may be 1,000 levels deep)."""
-    level = [value] if isinstance(value, dict | list) else []
-    for _ in range(limit):
-        level = [
-            child
-            for parent in level
-            for child in (parent.values() if isinstance(parent, dict) else parent)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return False
-    return bool(level)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _deeper_than(body: bytes, limit: int) -> bool:
+    """Do the arrays and objects of ``body`` (valid JSON) nest more than ``limit`` deep?
+    Read from the bytes at C speed (no Python step per value, no recursion)."""
+    s = body
+    if b"\\" in s:  # drop escaped backslashes, then escaped quotes: every " left delimits
+        s = s.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Brackets and quotes only; a string without brackets leaves "", which changes no
+    # bracket's inside/outside parity; then drop the brackets inside strings.
+    s = s.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
+    if len(s) <= 2 * limit:  # not even limit + 1 openings
+        return False
+    # Depth after i brackets = opened - closed = (sum of 2 per opening) - i.
+    deepest: int = max(map(operator.sub, accumulate(s.translate(_STEPS)), count(1)))
+    return deepest > limit
 
 
 def parse(body: bytes, nesting: int = 0) -> Any:
@@ -121,7 +129,7 @@ def parse(body: bytes, nesting: int = 0) -> Any:
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
     # Nesting: counting brackets (C speed) rules out almost every body before the walk.
     limit = MAX_DEPTH + nesting
-    if body.count(b"[") + body.count(b"{") > limit and _deeper_than(value, limit):
+    if body.count(b"[") + body.count(b"{") > limit and _deeper_than(body, limit):
         raise DocumentError("too_deep", _TOO_DEEP)
     # orjson rounds numbers it cannot hold (integers beyond 64 bits become floats): refuse
     # them (the cheap byte test rules out almost every body).

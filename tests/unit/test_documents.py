@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -196,3 +197,30 @@ def test_the_number_rule_does_not_hide_malformed_json() -> None:
         with pytest.raises(DocumentError) as exc:
             documents.parse(body)
         assert exc.value.code == "malformed_json", body
+
+
+def _depth(value: Any) -> int:
+    children = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, dict | list):
+        return 0
+    return 1 + max((_depth(v) for v in children), default=0)
+
+
+def test_depth_read_from_bytes_matches_the_values() -> None:
+    # Strings full of brackets, quotes and backslashes must not count as nesting.
+    rng = random.Random(7)
+    strings = ["", "a[{", '\\"]', "\\\\", 'x\\\\"}', '["""', "{\\u005c"]
+
+    def make(depth: int) -> Any:
+        r = rng.random()
+        if depth <= 0 or r < 0.3:
+            return rng.choice([1, 2.5, None, True, *strings])
+        if r < 0.65:
+            return [make(depth - 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(strings) + str(i): make(depth - 1) for i in range(rng.randint(0, 3))}
+
+    for _ in range(3000):
+        value = make(rng.randint(0, 12))
+        body, depth = orjson.dumps(value), _depth(value)
+        for limit in (0, 1, 2, 3, 5, 8):
+            assert documents._deeper_than(body, limit) == (depth > limit), (body, limit)
