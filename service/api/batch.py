@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from service.api.errors import (
     unavailable_message,
 )
 from service.api.http import is_json, parse_match, read_body, validate_collection, validate_key
-from service.api.records import check_write, overflow_through, persist_through
+from service.api.records import check_write, overflow_through, persist_through, write_mode
 from service.api.state import AppState
 from service.core import documents
 from service.core.documents import DocumentError
@@ -79,9 +80,10 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         merged: bytes | None = None
         if kind == "put":
             doc = documents.canonical(op["document"], max_bytes)
-            result = await state.store.write(Op.PUT, collection, key, doc, pre)
+            call = WriteCall(Op.PUT, collection, key, doc, pre)
+            result = await state.store.write(call)
             if overflow_through(state, result):
-                result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+                result = await state.store.write(replace(call, force=True))
                 through = True
         elif kind == "patch":
             result, merged = await state.store.patch(collection, key, op["patch"], pre)
@@ -91,9 +93,10 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
                 )
                 through = True
         else:
-            result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+            call = WriteCall(Op.DELETE, collection, key, pre=pre)
+            result = await state.store.write(call)
             if overflow_through(state, result):
-                result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+                result = await state.store.write(replace(call, force=True))
                 through = True
         check_write(result)
         if through:
@@ -120,11 +123,12 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
 async def batch(request: Request, state: StateDep) -> Response:
     if not is_json(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "Send the batch as application/json.")
-    mode = request.headers.get("write-mode", "behind").strip().lower()
-    if mode not in ("behind", "through"):
-        raise ApiError(400, "bad_write_mode", "Write-Mode must be 'behind' or 'through'.")
+    header = request.headers.get("write-mode")
+    write_mode(state, header, "")  # a bad Write-Mode is refused before the body is read
     limit = (state.settings.max_document_bytes + 1024) * 8 + 1024 * 1024
-    body = documents.parse(await read_body(request, limit))
+    # Every operation's document and patch is held to the depth limit here, before any
+    # operation runs: a batch with one too deep is refused whole.
+    body = documents.parse(await read_body(request, limit), nesting=documents.BATCH_NESTING)
     ops = body.get("operations") if isinstance(body, dict) else None
     if not isinstance(ops, list) or not ops:
         raise ApiError(422, "invalid_batch", 'The body is {"operations": [ ... ]}.')
@@ -133,18 +137,21 @@ async def batch(request: Request, state: StateDep) -> Response:
             413, "too_large", f"A batch holds at most {MAX_OPERATIONS} operations ({len(ops)})."
         )
     checked = [_validate(i, op) for i, op in enumerate(ops)]
+    # Per operation, as a single-key write to its collection would go (COLLECTION_WRITE_MODE
+    # unless the request's Write-Mode says otherwise).
+    through = [write_mode(state, header, op["collection"]) == "through" for op in checked]
 
-    results = await _execute(state, checked, through=mode == "through")
+    results = await _execute(state, checked, through)
     return json_response({"results": results})
 
 
 async def _execute(
-    state: AppState, ops: list[dict[str, Any]], through: bool
+    state: AppState, ops: list[dict[str, Any]], through: list[bool]
 ) -> list[dict[str, Any]]:
     """Same key: in the order given. Different keys: together, in rounds (round r holds
     each key's r-th operation): a round's puts and deletes go to Redis in one pipeline,
-    its gets in another; patches (read, merge, compare-and-set) and writes through run
-    one by one, concurrently."""
+    its gets in another; patches (read, merge, compare-and-set) and writes through
+    (``through[i]``) run one by one, concurrently."""
     by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, op in enumerate(ops):
         by_key[(op["collection"], op["key"])].append(i)
@@ -159,20 +166,20 @@ async def _execute(
 
     async def one(i: int) -> None:
         async with gate:
-            results[i] = await _run(state, ops[i], through)
+            results[i] = await _run(state, ops[i], through[i])
 
     for indexes in rounds:
         writes, gets, others = [], [], []
         for i in indexes:
             kind = ops[i]["op"]
-            if through or kind == "patch":
+            if through[i] or kind == "patch":
                 others.append(i)
             elif kind == "get":
                 gets.append(i)
             else:
                 writes.append(i)
         await asyncio.gather(
-            _pipelined_writes(state, ops, writes, results, through),
+            _pipelined_writes(state, ops, writes, results),
             _pipelined_gets(state, ops, gets, results),
             *(one(i) for i in others),
         )
@@ -208,8 +215,8 @@ async def _pipelined_writes(
     ops: list[dict[str, Any]],
     indexes: list[int],
     results: list[dict[str, Any]],
-    through: bool,
 ) -> None:
+    """Write-behind puts and deletes of distinct keys; each gets its own outcome."""
     calls: list[WriteCall] = []
     called: list[int] = []
     for i in indexes:
@@ -221,18 +228,21 @@ async def _pipelined_writes(
                 doc = documents.canonical(op["document"], state.settings.max_document_bytes)
                 calls.append(WriteCall(Op.PUT, collection, key, doc, pre))
             else:
-                calls.append(WriteCall(Op.DELETE, collection, key, b"", pre))
+                calls.append(WriteCall(Op.DELETE, collection, key, pre=pre))
             called.append(i)
         except Exception as exc:
             results[i] = _failure(exc)
     try:
         written = await state.store.write_many(calls)
-    except Exception as exc:  # a bug re-raises in _failure
+    except Exception as exc:  # the pipeline failed: no write's fate is known
         for i in called:
             results[i] = _failure(exc)
         return
     retry: list[int] = []
     for i, result in zip(called, written, strict=True):
+        if isinstance(result, Exception):  # this write alone failed; the others stand
+            results[i] = _failure(result)
+            continue
         if overflow_through(state, result):
             retry.append(i)  # past MAX_PENDING, configured to write through: one by one
             continue
@@ -243,7 +253,7 @@ async def _pipelined_writes(
             continue
         results[i] = _write_result(ops[i]["op"], result)
     for i in retry:
-        results[i] = await _run(state, ops[i], through)
+        results[i] = await _run(state, ops[i], through=False)
 
 
 async def _pipelined_gets(
@@ -262,12 +272,12 @@ async def _pipelined_gets(
             results[i] = _failure(exc)
     try:
         records = await state.store.read_many(names) if names else []
-    except Exception as exc:  # a bug re-raises in _failure
+    except Exception as exc:  # the pipeline failed; a bug re-raises in _failure
         for i in asked:
             results[i] = _failure(exc)
         return
     for i, record in zip(asked, records, strict=True):
-        results[i] = _read_result(record)
+        results[i] = _failure(record) if isinstance(record, Exception) else _read_result(record)
 
 
 def _failure(exc: Exception) -> dict[str, Any]:

@@ -7,7 +7,7 @@ the same methods with the same handlers and the same declared requirements."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -26,8 +26,9 @@ from service.api.http import (
     record_name,
 )
 from service.api.state import AppState
+from service.config import WriteMode
 from service.core import documents
-from service.core.records import Op, Preconditions, Status, WriteResult
+from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
 
 router = APIRouter(
@@ -85,14 +86,18 @@ def _cache_control(state: AppState, collection: str) -> str:
     return f"private, max-age={max_age}"
 
 
-def _write_mode(state: AppState, request: Request, collection: str) -> str:
-    mode = request.headers.get("write-mode")
-    if mode is None:
+def write_mode(state: AppState, header: str | None, collection: str) -> WriteMode:
+    """A write's mode: the request's Write-Mode header if it has one, else the collection's
+    configured default (COLLECTION_WRITE_MODE), else write-behind. Single-key routes and
+    every operation of a batch decide it here."""
+    if header is None:
         return state.settings.collection_write_mode.get(collection, "behind")
-    mode = mode.strip().lower()
-    if mode not in ("behind", "through"):
-        raise ApiError(400, "bad_write_mode", "Write-Mode must be 'behind' or 'through'.")
-    return mode
+    mode = header.strip().lower()
+    if mode == "behind":
+        return "behind"
+    if mode == "through":
+        return "through"
+    raise ApiError(400, "bad_write_mode", "Write-Mode must be 'behind' or 'through'.")
 
 
 def overflow_through(state: AppState, result: WriteResult) -> bool:
@@ -147,12 +152,13 @@ async def put_record(request: Request) -> Response:
     if not is_json(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "Send the document as application/json.")
     pre = _preconditions(request)
-    mode = _write_mode(state, request, collection)
+    mode = write_mode(state, request.headers.get("write-mode"), collection)
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     doc = documents.canonical(documents.parse(body), state.settings.max_document_bytes)
-    result = await state.store.write(Op.PUT, collection, key, doc, pre)
+    call = WriteCall(Op.PUT, collection, key, doc, pre)
+    result = await state.store.write(call)
     if overflow_through(state, result):
-        result = await state.store.write(Op.PUT, collection, key, doc, pre, force=True)
+        result = await state.store.write(replace(call, force=True))
         mode = "through"
     check_write(result)
     if mode == "through":
@@ -175,7 +181,7 @@ async def patch_record(request: Request) -> Response:
             {"Accept-Patch": "application/merge-patch+json"},
         )
     pre = _preconditions(request)
-    mode = _write_mode(state, request, collection)
+    mode = write_mode(state, request.headers.get("write-mode"), collection)
     body = await read_body(request, state.settings.max_document_bytes * 4 + 4096)
     patch = documents.parse(body)
     result, merged = await state.store.patch(collection, key, patch, pre)
@@ -218,10 +224,11 @@ async def delete_record(request: Request) -> Response:
     state: AppState = request.app.state.wb  # no dependency: this is the hot path
     collection, key = record_name(request)
     pre = _preconditions(request)
-    mode = _write_mode(state, request, collection)
-    result = await state.store.write(Op.DELETE, collection, key, b"", pre)
+    mode = write_mode(state, request.headers.get("write-mode"), collection)
+    call = WriteCall(Op.DELETE, collection, key, pre=pre)
+    result = await state.store.write(call)
     if overflow_through(state, result):
-        result = await state.store.write(Op.DELETE, collection, key, b"", pre, force=True)
+        result = await state.store.write(replace(call, force=True))
         mode = "through"
     check_write(result)
     if mode == "through":

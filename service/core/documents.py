@@ -8,7 +8,11 @@ miss then answer with identical bytes under the same ETag.
 from __future__ import annotations
 
 import json
+import math
+import operator
 import re
+from decimal import Decimal
+from itertools import accumulate, count
 from typing import Any
 
 import orjson
@@ -25,7 +29,13 @@ class DocumentError(ValueError):
         self.message = message
 
 
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+# Numbers: one rule. A number the service cannot keep exactly is refused: an integer
+# outside the 64-bit range, or a decimal/exponent number whose value does not survive as
+# an IEEE double (orjson would silently round 0.1000000000000000000001 to 0.1, 1e-400 to
+# 0.0). Any number of at most 15 significant digits with an exponent of at most 2 digits
+# survives, so a body needs the exact check only where a digit starts a run of 16 digits
+# and points, or an exponent has 3 digits: this pattern (as cheap as a plain \d{19,}).
+_MAYBE_INEXACT = re.compile(rb"\d(?:[\d.]{15,}|[eE][+-]?\d{3})")
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
@@ -40,16 +50,97 @@ def _checked_int(text: str) -> int:
     return value
 
 
-def parse(body: bytes) -> Any:
+def _checked_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise DocumentError(
+            "invalid_document",
+            f"The number {text[:40]} is beyond the range of a double (about 1.8e308); "
+            "send it as a string.",
+        )
+    if Decimal(text) != Decimal(repr(value)):
+        raise DocumentError(
+            "invalid_document",
+            f"The number {text[:40]} cannot be kept exactly: as a double it is {value!r}. "
+            "Send at most 15 significant digits (or a number that reads back the same), "
+            "or send it as a string.",
+        )
+    return value
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _check_numbers(body: bytes) -> None:
+    """Every number token of ``body`` (a valid JSON text), read exactly."""
+    json.loads(body, parse_int=_checked_int, parse_float=_checked_float)
+
+
+# How deep arrays and objects may nest in a document or a merge patch (a scalar is 0, []
+# is 1). orjson writes at most 254 levels and reads at most 1024; Python's recursion
+# limit sits in between: past this limit, refuse with 422 before anything is written.
+MAX_DEPTH = 100
+# How deep a batch's documents and patches sit in its body: {"operations": [{...: doc}]}.
+BATCH_NESTING = 3
+
+_TOO_DEEP = (
+    f"Arrays and objects nest more than {MAX_DEPTH} levels deep; a document or merge patch "
+    f"may nest at most {MAX_DEPTH}."
+)
+
+
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _deeper_than(body: bytes, limit: int) -> bool:
+    """Do the arrays and objects of ``body`` (valid JSON) nest more than ``limit`` deep?
+    Read from the bytes at C speed (no Python step per value, no recursion)."""
+    s = body
+    if b"\\" in s:  # drop escaped backslashes, then escaped quotes: every " left delimits
+        s = s.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Brackets and quotes only; a string without brackets leaves "", which changes no
+    # bracket's inside/outside parity; then drop the brackets inside strings.
+    s = s.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
+    if len(s) <= 2 * limit:  # not even limit + 1 openings
+        return False
+    # Depth after i brackets = opened - closed = (sum of 2 per opening) - i.
+    deepest: int = max(map(operator.sub, accumulate(s.translate(_STEPS)), count(1)))
+    return deepest > limit
+
+
+def parse(body: bytes, nesting: int = 0) -> Any:
+    """A request body as JSON, refused (``DocumentError``) if the service could not store
+    it as sent. ``nesting``: how deep the documents sit inside the body (a batch's)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson reads at most 1024 levels
+            raise DocumentError("too_deep", _TOO_DEEP) from exc
+        if _MAYBE_INEXACT.search(body) and _is_json(body):
+            _check_numbers(body)  # orjson refuses 1e400, valid JSON: say what to fix
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
-    # orjson turns integers beyond 64 bits into floats, silently losing digits: refuse them
-    # (the cheap byte test rules out almost every body).
-    if _LONG_DIGITS.search(body):
-        json.loads(body, parse_int=_checked_int)
+    # Nesting: counting brackets (C speed) rules out almost every body before the walk.
+    limit = MAX_DEPTH + nesting
+    if body.count(b"[") + body.count(b"{") > limit and _deeper_than(body, limit):
+        raise DocumentError("too_deep", _TOO_DEEP)
+    # orjson rounds numbers it cannot hold (integers beyond 64 bits become floats): refuse
+    # them (the cheap byte test rules out almost every body).
+    if _MAYBE_INEXACT.search(body):
+        _check_numbers(body)
     return value
+
+
+def loads(stored: bytes) -> Any:
+    """A document this service stored (canonical bytes): checked when it came in."""
+    return orjson.loads(stored)
 
 
 def dumps(value: Any) -> bytes:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
@@ -67,13 +67,21 @@ class WriteResult:
 
 @dataclass(frozen=True, slots=True)
 class WriteCall:
-    """One write of ``write_many``: a put (with its canonical document) or a delete."""
+    """One write: a put or a patch (with its canonical document) or a delete, and what
+    the write script must know besides (service/core/lua/write.lua)."""
 
     op: Op
     collection: str
     key: str
     document: bytes = b""
     pre: Preconditions = Preconditions()  # noqa: RUF009 - frozen, immutable
+    # A patch's compare-and-set: the version the merge was made on.
+    expect: int | None = None
+    # Postgres' row when the key is not cached (its version floor and existence); None
+    # lets the script answer MISS for an uncached key.
+    stored: repository.StoredRow | None = None
+    # Accepted past MAX_PENDING (a write that then goes through to Postgres).
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,19 @@ class Record:
     dead_lettered: bool = False
 
 
+# What happened to one call of write_many / read_many: its result, or what stopped it.
+WriteOutcome = WriteResult | Exception
+ReadOutcome = Record | Exception
+_T = TypeVar("_T")
+
+
+def _own(outcome: _T | BaseException) -> _T | Exception:
+    """A gathered outcome kept as that call's own; cancellation is nobody's outcome."""
+    if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
 def _glob_escape(text: str) -> str:
     """A literal for a Redis SCAN MATCH pattern (a prefix may hold * ? [ ] or \\)."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
@@ -95,8 +116,11 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool]:
-    """The write script's reply (not MISS): the result, and whether to schedule a flush."""
+def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
+    """The write script's reply: the result and whether to schedule a flush, or None for
+    MISS (the key is not cached: Postgres must supply its version floor first)."""
+    if _s(raw[0]) == "MISS":
+        return None
     status = Status(_s(raw[0]))
     if status is not Status.OK:
         return WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0), False
@@ -143,37 +167,28 @@ class RecordStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _write_command(
-        self,
-        op: Op,
-        collection: str,
-        key: str,
-        document: bytes,
-        pre: Preconditions,
-        expect: int | None,
-        stored: repository.StoredRow | None,
-        stored_exists: bool,
-        force: bool,
-    ) -> tuple[list[str], list[Any]]:
-        """The write script's keys and arguments (service/lua/write.lua documents them)."""
+    def _write_command(self, call: WriteCall) -> tuple[list[str], list[Any]]:
+        """The write script's keys and arguments (service/core/lua/write.lua documents
+        them)."""
         k = self.keys
+        pre, stored = call.pre, call.stored
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
-        keys = [k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead]
+        keys = [k.entry(call.collection, call.key), k.dirty, k.inflight, k.wake, k.dead]
         args = [
-            op.value,
-            document,
-            member(collection, key),
+            call.op.value,
+            call.document,
+            member(call.collection, call.key),
             im_mode,
             im_list,
             inm_mode,
             inm_list,
-            "" if expect is None else str(expect),
+            "" if call.expect is None else str(call.expect),
             "0" if stored is None else "1",
             "0" if stored is None else str(stored.version),
-            "1" if stored_exists else "0",
+            "1" if stored is not None and stored.value is not None else "0",
             self.settings.write_delay_ms + 5000,
-            0 if force else self.settings.max_pending,
+            0 if call.force else self.settings.max_pending,
         ]
         return keys, args
 
@@ -182,114 +197,73 @@ class RecordStore:
         result: list[Any] = await self.scripts.write(keys=keys, args=args)
         return result
 
-    async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteResult]:
+    async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteOutcome]:
         """Writes to distinct keys in one round trip: the write script for each, in one
         pipeline. A key that is not cached needs Postgres' version floor first, so it then
-        takes the single-key path (``write``); so does a retry after a Redis restart."""
+        takes the single-key path (``write``); so does a retry after a Redis restart.
+
+        One outcome per call, in order: its result, or the exception that stopped that
+        call alone (Postgres down for an uncached key's precondition, a Redis error reply
+        to its script); the other calls are applied all the same. Only a failure of the
+        pipeline itself (Redis unreachable) raises: then no call's fate is known."""
         if not calls:
             return []
-        commands = [
-            self._write_command(
-                c.op, c.collection, c.key, c.document, c.pre, None, None, False, False
-            )
-            for c in calls
-        ]
+        commands = [self._write_command(c) for c in calls]
         raws = await self._pipelined_scripts(self.scripts.write, commands)
-        results: list[WriteResult | None] = [None] * len(calls)
+        outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = False
         for i, raw in enumerate(raws):
-            if isinstance(raw, NoScriptError) or _s(raw[0]) == "MISS":
+            if isinstance(raw, NoScriptError):
                 single.append(i)
-                continue
-            results[i], schedule = _write_outcome(raw)
-            wake = wake or schedule
+            elif isinstance(raw, Exception):
+                outcomes[i] = raw  # this script's own error reply: it changed nothing
+            elif (reply := _write_outcome(raw)) is None:
+                single.append(i)
+            else:
+                outcomes[i], schedule = reply
+                wake = wake or schedule
         if wake:
             await self._wake()
         if single:
             done = await asyncio.gather(
-                *(
-                    self.write(
-                        calls[i].op,
-                        calls[i].collection,
-                        calls[i].key,
-                        calls[i].document,
-                        calls[i].pre,
-                    )
-                    for i in single
-                ),
-                return_exceptions=True,
+                *(self.write(calls[i]) for i in single), return_exceptions=True
             )
             for i, outcome in zip(single, done, strict=True):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                results[i] = outcome
-        return [r for r in results if r is not None]
+                outcomes[i] = _own(outcome)
+        return [o for o in outcomes if o is not None]
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
     ) -> list[Any]:
         """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
-        first (redis-py sends one for Script objects in pipelines). NOSCRIPT (a restarted
-        Redis) comes back per command: the script did not run there."""
+        first (redis-py sends one for Script objects in pipelines). Error replies (NOSCRIPT
+        after a Redis restart, OOM, ...) come back in place, per command."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in commands:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             raws: list[Any] = await pipe.execute(raise_on_error=False)
-        for raw in raws:
-            if isinstance(raw, Exception) and not isinstance(raw, NoScriptError):
-                raise raw
         return raws
 
-    async def write(
-        self,
-        op: Op,
-        collection: str,
-        key: str,
-        document: bytes = b"",
-        pre: Preconditions = Preconditions(),  # noqa: B008 - frozen, immutable
-        expect: int | None = None,
-        stored: repository.StoredRow | None = None,
-        force: bool = False,
-    ) -> WriteResult:
+    async def write(self, call: WriteCall) -> WriteResult:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
         (and existence, for preconditions) and the script runs again."""
-        res = await self._call_write(
-            self._write_command(
-                op,
-                collection,
-                key,
-                document,
-                pre,
-                expect,
-                stored,
-                stored is not None and stored.value is not None,
-                force,
-            )
-        )
-        if _s(res[0]) == "MISS":
+        reply = _write_outcome(await self._call_write(self._write_command(call)))
+        if reply is None:
             try:
-                stored = await self._fetch(collection, key)
+                stored = await self._fetch(call.collection, call.key)
             except Unavailable:
                 # A blind PUT needs no history: Redis' clock alone keeps versions above
                 # Postgres', so accept it while Postgres is down.
-                if op is not Op.PUT or pre.if_match or pre.if_none_match:
+                pre = call.pre
+                if call.op is not Op.PUT or pre.if_match or pre.if_none_match:
                     raise
                 stored = repository.StoredRow(None, 0)
-            res = await self._call_write(
-                self._write_command(
-                    op,
-                    collection,
-                    key,
-                    document,
-                    pre,
-                    expect,
-                    stored,
-                    stored.value is not None,
-                    force,
-                )
-            )
-        result, schedule = _write_outcome(res)
+            call = replace(call, stored=stored)
+            reply = _write_outcome(await self._call_write(self._write_command(call)))
+            if reply is None:  # the script answers MISS only when not given the row
+                raise AssertionError("the write script answered MISS with the row given")
+        result, schedule = reply
         if schedule:
             await self._wake()
         return result
@@ -308,20 +282,22 @@ class RecordStore:
             current = await self.read(collection, key, fill=False)
             if current.document is None:
                 return WriteResult(Status.NOT_FOUND), None
-            merged = documents.merge_patch(documents.parse(current.document), patch)
+            merged = documents.merge_patch(documents.loads(current.document), patch)
             body = documents.canonical(merged, self.settings.max_document_bytes)
             stored = None
             if not current.hit:
                 stored = repository.StoredRow(current.document.decode(), current.version)
             result = await self.write(
-                Op.PATCH,
-                collection,
-                key,
-                body,
-                pre,
-                expect=current.version,
-                stored=stored,
-                force=force,
+                WriteCall(
+                    Op.PATCH,
+                    collection,
+                    key,
+                    body,
+                    pre,
+                    expect=current.version,
+                    stored=stored,
+                    force=force,
+                )
             )
             if result.status is not Status.CONFLICT:
                 return result, body
@@ -344,14 +320,15 @@ class RecordStore:
             self._on_hit(False)
         return await self._load_once(collection, key)
 
-    async def read_many(self, names: Sequence[tuple[str, str]]) -> list[Record]:
+    async def read_many(self, names: Sequence[tuple[str, str]]) -> list[ReadOutcome]:
         """Reads of several keys: the cached ones in one round trip (a pipeline of HMGET),
-        the others through the cache-aside path of ``read``."""
+        the others through the cache-aside path of ``read``. One outcome per name: its
+        record, or the exception that stopped its read alone (Postgres down for a miss)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for collection, key in names:
                 pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
             rows: list[list[Any]] = await pipe.execute()
-        records: list[Record | None] = [None] * len(names)
+        outcomes: list[ReadOutcome | None] = [None] * len(names)
         misses: list[int] = []
         for i, (v, d, t, x) in enumerate(rows):
             if v is None:
@@ -359,11 +336,13 @@ class RecordStore:
                 continue
             if self._on_hit:
                 self._on_hit(True)
-            records[i] = _cached_record(v, d, t, x)
-        loaded = await asyncio.gather(*(self.read(*names[i]) for i in misses))
-        for i, record in zip(misses, loaded, strict=True):
-            records[i] = record
-        return [r for r in records if r is not None]
+            outcomes[i] = _cached_record(v, d, t, x)
+        loaded = await asyncio.gather(
+            *(self.read(*names[i]) for i in misses), return_exceptions=True
+        )
+        for i, outcome in zip(misses, loaded, strict=True):
+            outcomes[i] = _own(outcome)
+        return [o for o in outcomes if o is not None]
 
     async def _load_once(self, collection: str, key: str) -> Record:
         """Concurrent misses of one key in this process share one Postgres read."""

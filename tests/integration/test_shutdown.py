@@ -16,7 +16,7 @@ import httpx
 
 from service.api.app import build_state
 from service.config import Settings
-from service.core.records import Op, Status
+from service.core.records import Op, Status, WriteCall
 from service.core.repository import StoredRow
 from tests.conftest import wait_until
 from tests.support.procs import ApiProc, WorkerProc
@@ -139,7 +139,7 @@ async def _seed(settings: Settings, collection: str, n: int) -> dict[str, int]:
         async with sem:
             key = f"k{i:05d}"
             body = b'{"i": %d, "pad": "%s"}' % (i, b"x" * 64)
-            r = await state.store.write(Op.PUT, collection, key, body, stored=empty)
+            r = await state.store.write(WriteCall(Op.PUT, collection, key, body, stored=empty))
             assert r.status is Status.OK, r
             return key, r.version
 

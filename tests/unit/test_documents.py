@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -103,3 +104,123 @@ def test_integers_beyond_64_bits_in_a_body_are_refused() -> None:
         "s": "12345678901234567890123",
     }
     assert documents.parse(b"-9223372036854775808") == -(2**63)
+
+
+def nested(depth: int, leaf: bytes = b"1") -> bytes:
+    """``depth`` levels of alternating objects and arrays around ``leaf``."""
+    body = leaf
+    for i in range(depth):
+        body = b'{"a":' + body + b"}" if i % 2 else b"[" + body + b"]"
+    return body
+
+
+def test_depth_up_to_the_limit_is_accepted() -> None:
+    value = documents.parse(nested(documents.MAX_DEPTH))
+    assert documents.canonical(value, 1 << 20) == nested(documents.MAX_DEPTH)
+    assert documents.parse(nested(documents.MAX_DEPTH + 3), nesting=3) is not None
+
+
+@pytest.mark.parametrize("depth", [documents.MAX_DEPTH + 1, 255, 1000, 1024, 1025, 5000])
+def test_deeper_than_the_limit_is_refused(depth: int) -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(nested(depth))
+    assert exc.value.code == "too_deep"
+    assert str(documents.MAX_DEPTH) in exc.value.message
+
+
+def test_deep_body_with_long_integers_is_too_deep_not_a_recursion_error() -> None:
+    with pytest.raises(DocumentError) as exc:
+        documents.parse(nested(1000, b"123456789012345678901234567890"))
+    assert exc.value.code == "too_deep"
+
+
+def test_many_brackets_in_a_shallow_body_are_fine() -> None:
+    # Past the cheap bracket count, the real walk decides: wide is not deep.
+    wide = [{"a": [i]} for i in range(1000)]
+    assert documents.parse(orjson.dumps(wide)) == wide
+    text = {"s": "[{" * 500}  # brackets inside strings do not nest anything
+    assert documents.parse(orjson.dumps(text)) == text
+
+
+# Numbers: one rule. What the service cannot keep exactly is refused.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.1000000000000000000001",  # orjson would round it to 0.1
+        "1.0000000000000001",
+        "9007199254740993.0",  # 2**53 + 1 is no double
+        "123456789.1234567891",
+        "1.2345678901234567891e-5",
+        "12345678901234567891e5",
+        "1e400",
+        "-1E+400",
+        "1e-400",  # underflows to 0.0
+        "18446744073709551616",  # 2**64
+        "-9223372036854775809",  # -2**63 - 1
+    ],
+)
+def test_numbers_the_service_cannot_keep_exactly_are_refused(text: str) -> None:
+    for body in (text, f'{{"a": [1, {{"n": {text}}}]}}'):
+        with pytest.raises(DocumentError) as exc:
+            documents.parse(body.encode())
+        assert exc.value.code == "invalid_document"
+        assert text[:20] in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.1",
+        "0.30000000000000004",  # 17 digits, and exactly what a double reads back as
+        "1.7976931348623157e308",
+        "2.2250738585072014e-308",
+        "5e-324",
+        "1.0000000000000000",  # the value is 1
+        "1234567890123456.0",
+        "1e22",
+        "1E-99",
+        "0e5000",
+        "-0.0",
+        "1796080422510643",  # integers within 64 bits, however long
+        "18446744073709551615",
+        "-9223372036854775808",
+    ],
+)
+def test_numbers_kept_exactly_are_accepted(text: str) -> None:
+    value = documents.parse(text.encode())
+    assert float(value) == float(text)
+    assert documents.parse(f'{{"n": "{text}0000000000000000001"}}'.encode())  # a string
+
+
+def test_the_number_rule_does_not_hide_malformed_json() -> None:
+    for body in (b'{"a": nope, "b": 1e400}', b'{"a": 1.00000000000000000001, "b": nope}'):
+        with pytest.raises(DocumentError) as exc:
+            documents.parse(body)
+        assert exc.value.code == "malformed_json", body
+
+
+def _depth(value: Any) -> int:
+    children = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, dict | list):
+        return 0
+    return 1 + max((_depth(v) for v in children), default=0)
+
+
+def test_depth_read_from_bytes_matches_the_values() -> None:
+    # Strings full of brackets, quotes and backslashes must not count as nesting.
+    rng = random.Random(7)
+    strings = ["", "a[{", '\\"]', "\\\\", 'x\\\\"}', '["""', "{\\u005c"]
+
+    def make(depth: int) -> Any:
+        r = rng.random()
+        if depth <= 0 or r < 0.3:
+            return rng.choice([1, 2.5, None, True, *strings])
+        if r < 0.65:
+            return [make(depth - 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(strings) + str(i): make(depth - 1) for i in range(rng.randint(0, 3))}
+
+    for _ in range(3000):
+        value = make(rng.randint(0, 12))
+        body, depth = orjson.dumps(value), _depth(value)
+        for limit in (0, 1, 2, 3, 5, 8):
+            assert documents._deeper_than(body, limit) == (depth > limit), (body, limit)
