@@ -7,7 +7,7 @@ the same methods with the same handlers and the same declared requirements."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -247,19 +247,33 @@ class RecordRoute:
     endpoint: Endpoint
     requirement: Requirement
     summary: str
+    _: KW_ONLY
     status_code: int | None = None
     operation_id: str | None = None
     openapi_extra: dict[str, Any] | None = None
 
 
 ROUTES: tuple[RecordRoute, ...] = (
-    RecordRoute("PUT", put_record, WRITE, "Create or replace a record", 200, None, _PUT_BODY),
     RecordRoute(
-        "PATCH", patch_record, WRITE, "Merge-patch a record (RFC 7396)", None, None, _PATCH_BODY
+        "PUT",
+        put_record,
+        WRITE,
+        "Create or replace a record",
+        status_code=200,
+        openapi_extra=_PUT_BODY,
     ),
-    RecordRoute("GET", get_record, READ, "Read a record (cache-aside)", None, "get_record"),
-    RecordRoute("HEAD", get_record, READ, "A record's headers, no body", None, "head_record"),
-    RecordRoute("DELETE", delete_record, WRITE, "Delete a record", 204),
+    RecordRoute(
+        "PATCH",
+        patch_record,
+        WRITE,
+        "Merge-patch a record (RFC 7396)",
+        openapi_extra=_PATCH_BODY,
+    ),
+    RecordRoute("GET", get_record, READ, "Read a record (cache-aside)", operation_id="get_record"),
+    RecordRoute(
+        "HEAD", get_record, READ, "A record's headers, no body", operation_id="head_record"
+    ),
+    RecordRoute("DELETE", delete_record, WRITE, "Delete a record", status_code=204),
 )
 
 # The handlers read both names from the raw path (``http.record_name``), so FastAPI sees no
