@@ -23,6 +23,7 @@ from service.core import histograms, repository
 from service.core.errors import REDIS_DOWN, is_poison, sqlstate
 from service.core.redis_keys import Keys, split_member
 from service.core.scripts import Scripts
+from service.core.stats import redis_now_ms
 
 log = logging.getLogger("wbcache.flush")
 
@@ -56,6 +57,8 @@ class DeadLetter:
 
 
 def now_ms() -> int:
+    """This process' wall clock, for what people read (a dead letter's ``failed_at``). Never
+    compared with a time from another process: those all come from Redis ``TIME``."""
     return int(time.time() * 1000)
 
 
@@ -107,19 +110,17 @@ class Flusher:
     # -- claiming and releasing ------------------------------------------------------------
 
     async def claim(self, members: Sequence[str] = ()) -> Batch | None:
-        now = now_ms()
         batch_id = uuid.uuid4().hex
         k = self.keys
         call = asyncio.ensure_future(
             self.scripts.claim(
                 keys=[k.dirty, k.inflight, k.leases, k.batch_age],
                 args=[
-                    now,
-                    now - self.settings.write_delay_ms,
+                    self.settings.write_delay_ms,
                     self.settings.batch_size,
                     32 * 1024 * 1024,
                     batch_id,
-                    now + int(self.settings.lease_seconds * 1000),
+                    self._lease_ms,
                     k.prefix,
                     *members,
                 ],
@@ -155,7 +156,6 @@ class Flusher:
             k.prefix,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
-            now,
             len(committed),
         ]
         for item in committed:
@@ -180,8 +180,12 @@ class Flusher:
         """Keep the leases of batches this process holds (a slow Postgres is not a death)."""
         if not self.held:
             return
-        until = now_ms() + int(self.settings.lease_seconds * 1000)
+        until = await redis_now_ms(self.redis) + self._lease_ms
         await self.redis.zadd(self.keys.leases, dict.fromkeys(self.held, until), xx=True)
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
 
     # -- persisting ------------------------------------------------------------------------
 
@@ -318,11 +322,15 @@ class Flusher:
 
     async def next_ready_in_ms(self) -> int | None:
         """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
-        first = await self.redis.zrange(self.keys.dirty, 0, 0, withscores=True)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.dirty, 0, 0, withscores=True)
+            pipe.time()
+            first, (seconds, micros) = await pipe.execute()
         if not first:
             return None
+        # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
         due = int(first[0][1]) + self.settings.write_delay_ms
-        return max(0, due - now_ms())
+        return max(0, due - (int(seconds) * 1000 + int(micros) // 1000))
 
     # -- write-through ------------------------------------------------------------------
 

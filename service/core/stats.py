@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -40,8 +39,17 @@ def _number(raw: bytes) -> float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
+async def redis_now_ms(redis: Redis) -> int:
+    """Redis' clock in ms: the one clock every process compares times with (the scripts
+    stamp dirty marks, leases and the flush log with ``TIME``; workers their heartbeats)."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[str, Any]:
-    now = int(time.time() * 1000)
+    # Redis' clock, which stamps dirty marks, batch ages, heartbeats and the flush log: an
+    # API host's skewed clock must not make live workers look dead or ages look wrong.
+    now = await redis_now_ms(redis)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(keys.dirty)
         pipe.hlen(keys.inflight)

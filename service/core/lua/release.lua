@@ -2,13 +2,16 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log
--- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms, 5 now ms,
---       6 number of committed pairs n, then n x (member, version),
+-- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms,
+--       5 number of committed pairs n, then n x (member, version),
 --       then triples (member, version, dead-letter JSON)
+-- Times (the flush log, requeued dirty marks) come from Redis' TIME, as in claim.lua.
 local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch, prefix = ARGV[1], ARGV[2]
 local bk = prefix .. 'b:' .. batch
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function owned(m)
   return redis.call('HGET', inflight, m) == batch
@@ -19,7 +22,7 @@ local owners = {}
 if n > 0 then
   local members = {}
   for j = 1, n do
-    members[j] = ARGV[5 + 2 * j]
+    members[j] = ARGV[4 + 2 * j]
   end
   owners = redis.call('HMGET', inflight, unpack(members))
 end
@@ -27,7 +30,7 @@ end
 local committed = 0
 local handled = {}
 local released = {}
-local i = 7
+local i = 6
 for j = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
   i = i + 2
@@ -59,7 +62,7 @@ for j = 1, n do
     end
     -- A newer write landed while we flushed: it must be flushed too.
     if mine then
-      redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or ARGV[5], m)
+      redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or now, m)
     end
   end
 end
@@ -81,7 +84,7 @@ while i + 2 <= #ARGV do
       redis.call('HSET', prefix .. 'e:' .. m, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
-      redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
+      redis.call('ZADD', dirty, 'NX', score or now, m)
     end
   end
 end
@@ -103,8 +106,8 @@ redis.call('ZREM', ages, batch)
 if committed > 0 then
   redis.call('HINCRBY', KEYS[6], 'flushed', committed)
   redis.call('HINCRBY', KEYS[6], 'batches', 1)
-  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[5] .. ':' .. committed .. ':' .. batch)
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[5]) - 600000)
+  redis.call('ZADD', KEYS[7], now, now .. ':' .. committed .. ':' .. batch)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - 600000)
 end
 if dead_count > 0 then
   redis.call('HINCRBY', KEYS[6], 'dead_lettered', dead_count)
