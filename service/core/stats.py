@@ -96,6 +96,7 @@ async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[
         "flush_batches": counters.get("batches", 0),
         "flush_rate_per_s": round(flushed_last_minute / 60, 2),
         "flush_failures": counters.get("flush_failures", 0),
+        "flush_retries": counters.get("flush_retries", 0),
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
     }
