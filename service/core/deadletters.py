@@ -71,7 +71,12 @@ class DeadLetters:
         done: list[str] = []
         for chunk in await self._members(items):
             res = await self.scripts.dead_letters(
-                keys=[self.keys.dead, self.keys.dirty, self.keys.inflight],
+                keys=[
+                    self.keys.dead,
+                    self.keys.dirty,
+                    self.keys.inflight,
+                    self.keys.pending_counts,
+                ],
                 args=[action, self.keys.prefix, *chunk],
             )
             done.extend(m.decode() for m in res)

@@ -134,7 +134,7 @@ class Flusher:
         k = self.keys
         call = asyncio.ensure_future(
             self.scripts.claim(
-                keys=[k.dirty, k.inflight, k.leases, k.batch_age],
+                keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.pending_counts],
                 args=[
                     self.settings.write_delay_ms,
                     self.settings.batch_size,
@@ -191,7 +191,16 @@ class Flusher:
             }
             args += [d.item.member, d.item.version, orjson.dumps(info)]
         await self.scripts.release(
-            keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.dead, k.counters, k.flush_log],
+            keys=[
+                k.dirty,
+                k.inflight,
+                k.leases,
+                k.batch_age,
+                k.dead,
+                k.counters,
+                k.flush_log,
+                k.pending_counts,
+            ],
             args=args,
         )
         self.held.discard(batch.id)

@@ -159,7 +159,7 @@ class RecordStore:
         k = self.keys
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
-        keys = [k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead]
+        keys = [k.entry(collection, key), k.dirty, k.inflight, k.wake, k.dead, k.pending_counts]
         args = [
             op.value,
             document,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,13 @@ from service.adapters.postgres import PgPool
 from service.adapters.redis import create_redis
 from service.config import Settings
 from service.core import flusher as flusher_module
-from service.core import repository
+from service.core import repository, stats
 from service.core.flusher import BUG_RETRIES, Flusher
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_until
-from tests.integration.test_dead_letters import metric, rows, settled
+from tests.integration.test_dead_letters import metric, poison_constraint, rows, settled
 
 HOUR_MS = 3_600_000
 
@@ -217,3 +219,182 @@ async def test_flush_retries_counted_during_a_postgres_outage(
     s = (await api.get("/v1/stats")).json()
     assert s["pending"] == 1 and s["dead_letters"] == 0  # an outage dead-letters nothing
     assert s["flush_failures"] >= s["flush_retries"] > first
+
+
+# -- pending per collection, kept by the scripts ------------------------------------------
+
+
+async def pending_snapshot(flusher: Flusher) -> tuple[dict[str, int], dict[str, int]]:
+    """(the kept per-collection counts, the true ones from the members), read atomically."""
+    keys = flusher.keys
+    async with flusher.redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.pending_counts)
+        pipe.zrange(keys.dirty, 0, -1)
+        pipe.hkeys(keys.inflight)
+        raw, dirty, inflight = await pipe.execute()
+    kept = {c.decode(): int(n) for c, n in raw.items()}
+    truth = Counter(m.split(b":", 1)[0].decode() for m in [*dirty, *inflight])
+    return kept, dict(truth)
+
+
+async def assert_counts(flusher: Flusher, expected: dict[str, int] | None = None) -> None:
+    kept, truth = await pending_snapshot(flusher)
+    assert kept == truth, (kept, truth)
+    if expected is not None:
+        assert truth == expected
+
+
+async def test_pending_counts_follow_every_transition(
+    api: httpx.AsyncClient,
+    flusher: Flusher,
+    settings_factory: Callable[..., Settings],
+    pg: asyncpg.Connection,
+) -> None:
+    settings = settings_factory(write_delay_ms=0)  # every key is ready at once
+    flusher = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+    async with poison_constraint(pg):
+        for i in range(10):
+            await put(api, f"/v1/pa/k{i}", {"i": i})
+        for i in range(5):
+            await put(api, f"/v1/pb/k{i}", {"i": i})
+        await put(api, "/v1/pc/p", {"poison": True})
+        assert (await api.delete("/v1/pa/k1")).status_code == 204  # still one pending key
+        await assert_counts(flusher, {"pa": 10, "pb": 5, "pc": 1})
+        s = (await api.get("/v1/stats")).json()
+        assert s["pending_by_collection"] == {"pa": 10, "pb": 5, "pc": 1}
+        assert s["pending_by_collection_exact"] is True
+
+        # A dirty mark whose entry is gone is dropped by the claim.
+        await flusher.redis.delete(flusher.keys.entry("pb", "k4"))
+        batch = await wait_until(flusher.claim, timeout=5)
+        assert len(batch.items) == 15
+        await assert_counts(flusher, {"pa": 10, "pb": 4, "pc": 1})
+        # A newer write while in flight: the key goes back to the dirty set on release.
+        await put(api, "/v1/pa/k2", {"i": "newer"})
+        await assert_counts(flusher, {"pa": 10, "pb": 4, "pc": 1})
+        assert await flusher.flush_batch(batch)
+        await assert_counts(flusher, {"pa": 1})
+        assert (await api.get("/v1/stats")).json()["dead_letters"] == 1
+
+        # An operator retry makes the dead letter pending again.
+        assert (await api.post("/v1/dead-letters:retry")).json() == {"retried": 1}
+        await assert_counts(flusher, {"pa": 1, "pc": 1})
+        # A worker dies holding the batch: the next claim takes it over when the lease is
+        # out (forced here) and the keys stay counted once.
+        dead_worker = await wait_until(flusher.claim, timeout=5)
+        flusher.held.discard(dead_worker.id)
+        await flusher.redis.zadd(flusher.keys.leases, {dead_worker.id: 0})
+        other = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+        taken = await wait_until(other.claim, timeout=5)
+        assert {i.member for i in taken.items} == {"pa:k2", "pc:p"}
+        await assert_counts(flusher, {"pa": 1, "pc": 1})
+        assert await other.flush_batch(taken)
+        await assert_counts(flusher, {})
+        assert not await flusher.redis.exists(flusher.keys.pending_counts)
+        assert (await api.post("/v1/dead-letters:drop")).json() == {"dropped": 1}
+        await assert_counts(flusher, {})
+
+        # An explicit claim naming a key twice holds it once; a hand-back keeps it counted.
+        await put(api, "/v1/pd/x", {"x": 1})
+        held = await flusher.claim(["pd:x", "pd:x"])
+        assert held is not None and len(held.items) == 1
+        await assert_counts(flusher, {"pd": 1})
+        await flusher.release(held, [], [])
+        await assert_counts(flusher, {"pd": 1})
+
+
+async def test_pending_counts_exact_through_a_chaotic_run(
+    api: httpx.AsyncClient,
+    flusher: Flusher,
+    settings_factory: Callable[..., Settings],
+    pg: asyncpg.Connection,
+) -> None:
+    """Concurrent PUT/PATCH/DELETE on overlapping keys, two flushers with small batches,
+    one of which sometimes dies holding a batch (taken over when its lease is out), poison
+    writes dead-lettered and retried by an operator: at every snapshot, and at the end, the
+    kept counts equal the members per collection, and their sum is ``pending``."""
+    rng = random.Random(7)
+    small = settings_factory(batch_size=8)
+    flushers = [Flusher(flusher.redis, flusher.pg, small, flusher.scripts) for _ in range(2)]
+    stop = asyncio.Event()
+    snapshots = 0
+
+    async def writer(n: int) -> None:
+        while not stop.is_set():
+            path = f"/v1/chaos{rng.randrange(3)}/k{rng.randrange(30)}"
+            what = rng.random()
+            if what < 0.6:
+                doc: dict[str, Any] = {"w": n, "r": rng.random()}
+                if rng.random() < 0.05:
+                    doc["poison"] = True
+                await api.put(path, json=doc)
+            elif what < 0.8:
+                await api.patch(
+                    path,
+                    content=b'{"patched": true}',
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+            else:
+                await api.delete(path)
+
+    async def work(f: Flusher) -> None:
+        while not stop.is_set():
+            batch = await f.claim()
+            if batch is None:
+                await asyncio.sleep(0.01)
+            elif rng.random() < 0.1:  # dies holding it: the lease runs out (forced)
+                f.held.discard(batch.id)
+                await f.redis.zadd(f.keys.leases, {batch.id: 0})
+            else:
+                await f.flush_batch(batch)
+
+    async def operator() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+            await api.post("/v1/dead-letters:retry")
+
+    async def checker() -> None:
+        nonlocal snapshots
+        while not stop.is_set():
+            await assert_counts(flusher)
+            snapshots += 1
+            await asyncio.sleep(0.02)
+
+    async with poison_constraint(pg) as drop_constraint:
+        tasks = [asyncio.create_task(writer(n)) for n in range(4)]
+        tasks += [asyncio.create_task(work(f)) for f in flushers]
+        tasks += [asyncio.create_task(operator()), asyncio.create_task(checker())]
+        await asyncio.sleep(4)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert snapshots > 20
+        await drop_constraint()
+        await api.post("/v1/dead-letters:retry")
+
+        async def drained() -> dict[str, Any] | None:
+            await flusher.drain_ready()  # (its claims take over the abandoned batches)
+            s: dict[str, Any] = (await api.get("/v1/stats")).json()
+            return s if s["pending"] == 0 and s["dead_letters"] == 0 else None
+
+        s = await wait_until(drained, timeout=20)
+    await assert_counts(flusher, {})
+    assert s["pending_by_collection"] == {} and s["pending_by_collection_exact"] is True
+
+
+async def test_stats_reads_the_kept_counts_not_the_members(
+    api: httpx.AsyncClient, flusher: Flusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        await put(api, f"/v1/pe/k{i}", i)
+
+    async def no_scan(*args: Any) -> dict[str, Any]:
+        raise AssertionError("read the queue's members")
+
+    with monkeypatch.context() as m:
+        m.setattr(stats, "_count_members", no_scan)
+        s = (await api.get("/v1/stats")).json()
+    assert s["pending_by_collection"] == {"pe": 3} and s["pending_by_collection_exact"] is True
+    # A queue the counts do not cover (left by an older version): the members are counted.
+    await flusher.redis.delete(flusher.keys.pending_counts)
+    s = (await api.get("/v1/stats")).json()
+    assert s["pending_by_collection"] == {"pe": 3} and s["pending_by_collection_exact"] is True

@@ -1,5 +1,5 @@
 -- Operator decisions on dead letters, atomically per key.
--- KEYS: 1 dead letters, 2 dirty, 3 inflight
+-- KEYS: 1 dead letters, 2 dirty, 3 inflight, 4 pending counts
 -- ARGV: 1 action (retry|drop), 2 prefix, 3.. members
 -- retry: the write goes back to the dirty set (flushed again with its current version).
 -- drop: the write is discarded and the cached entry evicted, so reads show Postgres.
@@ -15,7 +15,10 @@ for i = 3, #ARGV do
     if ARGV[1] == 'retry' then
       redis.call('HDEL', e, 'x')
       if redis.call('EXISTS', e) == 1 and redis.call('HEXISTS', KEYS[3], m) == 0 then
-        redis.call('ZADD', KEYS[2], 'NX', now, m)
+        -- Pending counts (redis_keys.Keys.pending_counts): pending again, +1.
+        if redis.call('ZADD', KEYS[2], 'NX', now, m) == 1 then
+          redis.call('HINCRBY', KEYS[4], string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1), 1)
+        end
       end
     else
       redis.call('DEL', e)
