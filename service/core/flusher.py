@@ -299,10 +299,10 @@ class Flusher:
                 return False
         except asyncio.CancelledError:
             # Shutting down, or a write-through out of time: hand the batch back so another
-            # worker takes it at once (if Redis cannot take it now, its lease runs out).
+            # worker takes it at once. If Redis cannot take it now, it stays in ``held``
+            # (the worker's shutdown tries again); else its lease runs out.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.release(batch, [], []))
-            self.held.discard(batch.id)
             raise
         duration = time.monotonic() - started
         try:

@@ -188,7 +188,7 @@ async def test_write_through_answers_within_timeout_when_redis_dies_after_commit
             elapsed = time.monotonic() - started
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "not_persisted"
-            assert elapsed < timeout + 0.5, elapsed
+            assert elapsed < timeout + 1.0, elapsed
         assert committed == ["k"]
         assert (await rows(pg, "wt")) == {"k": ({"a": 1}, int(r.headers["ETag"].strip('"')))}
     finally:
