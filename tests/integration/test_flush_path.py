@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import random
 import time
+import types
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from service.core.scripts import Scripts
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_until
 from tests.integration.test_dead_letters import metric, poison_constraint, rows, settled
+from worker import settings as worker_settings_module
 
 HOUR_MS = 3_600_000
 
@@ -398,3 +400,19 @@ async def test_stats_reads_the_kept_counts_not_the_members(
     await flusher.redis.delete(flusher.keys.pending_counts)
     s = (await api.get("/v1/stats")).json()
     assert s["pending_by_collection"] == {"pe": 3} and s["pending_by_collection_exact"] is True
+
+
+async def test_worker_with_a_slow_clock_counts_as_live(
+    api: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats and /v1/stats both use Redis' clock: a worker whose clock is an hour
+    behind the API's is still a live worker."""
+    slow = types.SimpleNamespace(time=lambda: time.time() - 3600)
+    monkeypatch.setattr(worker_settings_module, "time", slow, raising=False)
+
+    async def live() -> bool:
+        s = (await api.get("/v1/stats")).json()
+        return bool(s["workers"] == 1 and 0 <= next(iter(s["worker_heartbeats"].values())) < 60)
+
+    async with running_worker(settings):
+        await wait_until(live, timeout=10)
