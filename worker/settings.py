@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from service.config import Settings, get_settings
 from service.core.flusher import Flusher
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
+from service.core.stats import redis_now_ms
 from worker.flush import flush, sweep
 
 log = logging.getLogger("wbcache.worker")
@@ -35,7 +35,8 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
     period = min(HEARTBEAT_SECONDS, flusher.settings.lease_seconds / 3)
     while True:
         try:
-            now = int(time.time() * 1000)
+            # Redis' clock: /v1/stats compares heartbeats with it, from any API process.
+            now = await redis_now_ms(flusher.redis)
             await flusher.redis.zadd(keys.workers, {ctx["worker_id"]: now})
             await flusher.redis.zremrangebyscore(keys.workers, "-inf", now - 3_600_000)
             await flusher.renew_leases()

@@ -62,6 +62,11 @@ class _Snapshot(Collector):
                 "Flush attempts that failed and were retried",
                 "flush_failures",
             ),
+            (
+                "wbcache_flush_retries",
+                "Flush attempts made again after a failure (with backoff)",
+                "flush_retries",
+            ),
             ("wbcache_dead_lettered", "Writes moved to the dead letters", "dead_lettered_total"),
             ("wbcache_cache_hits", "Reads answered from Redis", "hits"),
             ("wbcache_cache_misses", "Reads that loaded from Postgres", "misses"),

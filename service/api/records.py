@@ -28,6 +28,7 @@ from service.api.http import (
 from service.api.state import AppState
 from service.config import WriteMode
 from service.core import documents
+from service.core.flusher import Outcome
 from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
 
@@ -129,7 +130,7 @@ async def persist_through(state: AppState, collection: str, key: str, version: i
     outcome = await state.flusher.write_through(
         member(collection, key), version, state.settings.write_through_timeout
     )
-    if outcome == "timeout":
+    if outcome is Outcome.TIMEOUT:
         raise ApiError(
             503,
             "not_persisted",
@@ -138,11 +139,12 @@ async def persist_through(state: AppState, collection: str, key: str, version: i
             "persisted when Postgres answers.",
             {"Retry-After": "1", "ETag": etag(version)},
         )
-    if outcome == "dead":
+    if outcome is Outcome.DEAD:
         raise ApiError(
             422,
             "rejected_by_database",
-            f"Postgres refused the write (version {version}); it is in the dead letters.",
+            f"The write (version {version}) could not be persisted (Postgres refused it, or "
+            "it made the service fail); it is in the dead letters, with the error.",
         )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import bisect
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,8 +71,13 @@ class DeadLetters:
         done: list[str] = []
         for chunk in await self._members(items):
             res = await self.scripts.dead_letters(
-                keys=[self.keys.dead, self.keys.dirty, self.keys.inflight],
-                args=[action, self.keys.prefix, int(time.time() * 1000), *chunk],
+                keys=[
+                    self.keys.dead,
+                    self.keys.dirty,
+                    self.keys.inflight,
+                    self.keys.pending_counts,
+                ],
+                args=[action, self.keys.prefix, *chunk],
             )
             done.extend(m.decode() for m in res)
         return done

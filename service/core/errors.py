@@ -56,6 +56,8 @@ def is_poison(exc: BaseException) -> bool:
 
 def is_postgres_down(exc: BaseException) -> bool:
     """Errors that say Postgres cannot answer now (as opposed to a bug or bad data)."""
+    if isinstance(exc, ValueError):
+        return False  # asyncpg's client-side DataError (an InterfaceError): bad input
     if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
@@ -100,6 +102,8 @@ def classify(exc: BaseException, talking_to: str = "redis") -> Unavailable | Non
             return Unavailable("redis", str(exc) or type(exc).__name__)
         return None
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        if isinstance(exc, ValueError):  # asyncpg refused our input before sending it
+            return None
         if is_postgres_down(exc) or not is_poison(exc):
             return Unavailable("postgres", f"{type(exc).__name__}: {exc}")
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import uuid
@@ -20,11 +21,24 @@ from arq.connections import ArqRedis
 from service.adapters.postgres import PgPool
 from service.config import Settings
 from service.core import histograms, repository
-from service.core.errors import REDIS_DOWN, is_poison, sqlstate
+from service.core.errors import classify, is_poison, sqlstate
 from service.core.redis_keys import Keys, split_member
 from service.core.scripts import Scripts
+from service.core.stats import redis_now_ms
 
 log = logging.getLogger("wbcache.flush")
+
+# An unexpected error (a bug, not a dependency failing) is retried this many times, with
+# backoff, before the batch is split to dead-letter the writes that trigger it.
+BUG_RETRIES = 3
+
+
+class Outcome(enum.Enum):
+    """How a write-through ended."""
+
+    COMMITTED = "committed"
+    DEAD = "dead"  # dead-lettered
+    TIMEOUT = "timeout"  # not committed within the timeout; still queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +70,14 @@ class DeadLetter:
 
 
 def now_ms() -> int:
+    """This process' wall clock, for what people read (a dead letter's ``failed_at``). Never
+    compared with a time from another process: those all come from Redis ``TIME``."""
     return int(time.time() * 1000)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left before ``deadline`` (monotonic clock), for ``asyncio.timeout``."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _decode(raw: Sequence[bytes]) -> list[Item]:
@@ -103,23 +124,23 @@ class Flusher:
         # Set on shutdown: loops stop claiming; held batches are handed back.
         self.stopping = False
         self._retry_log = _Throttled()
+        # Write-throughs past their deadline, finishing (handing back) in the background.
+        self._background: set[asyncio.Future[Outcome]] = set()
 
     # -- claiming and releasing ------------------------------------------------------------
 
     async def claim(self, members: Sequence[str] = ()) -> Batch | None:
-        now = now_ms()
         batch_id = uuid.uuid4().hex
         k = self.keys
         call = asyncio.ensure_future(
             self.scripts.claim(
-                keys=[k.dirty, k.inflight, k.leases, k.batch_age],
+                keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.pending_counts],
                 args=[
-                    now,
-                    now - self.settings.write_delay_ms,
+                    self.settings.write_delay_ms,
                     self.settings.batch_size,
                     32 * 1024 * 1024,
                     batch_id,
-                    now + int(self.settings.lease_seconds * 1000),
+                    self._lease_ms,
                     k.prefix,
                     *members,
                 ],
@@ -155,7 +176,6 @@ class Flusher:
             k.prefix,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
-            now,
             len(committed),
         ]
         for item in committed:
@@ -171,7 +191,16 @@ class Flusher:
             }
             args += [d.item.member, d.item.version, orjson.dumps(info)]
         await self.scripts.release(
-            keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.dead, k.counters, k.flush_log],
+            keys=[
+                k.dirty,
+                k.inflight,
+                k.leases,
+                k.batch_age,
+                k.dead,
+                k.counters,
+                k.flush_log,
+                k.pending_counts,
+            ],
             args=args,
         )
         self.held.discard(batch.id)
@@ -180,70 +209,100 @@ class Flusher:
         """Keep the leases of batches this process holds (a slow Postgres is not a death)."""
         if not self.held:
             return
-        until = now_ms() + int(self.settings.lease_seconds * 1000)
+        until = await redis_now_ms(self.redis) + self._lease_ms
         await self.redis.zadd(self.keys.leases, dict.fromkeys(self.held, until), xx=True)
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
 
     # -- persisting ------------------------------------------------------------------------
 
     async def _persist(
-        self, conn: asyncpg.Connection, items: list[Item]
+        self, conn: asyncpg.Connection, items: list[Item], isolate_bugs: bool = False
     ) -> tuple[list[Item], list[DeadLetter]]:
-        """Persist ``items``; isolate writes Postgres will never take by splitting."""
-        upserts = repository.Columns()
-        deletes = repository.Columns()
-        for i in items:
-            collection, _, key = i.member.partition(":")
-            if i.document is None:
-                deletes.add(collection, key, None, int(i.version))
-            else:
-                upserts.add(collection, key, i.document.decode(), int(i.version))
+        """Persist ``items``; isolate writes Postgres will never take by splitting. With
+        ``isolate_bugs``, an unexpected error (ours, not a dependency's) is isolated the same
+        way, so the write that triggers it is dead-lettered and the others are persisted."""
         try:
+            upserts = repository.Columns()
+            deletes = repository.Columns()
+            for i in items:
+                collection, _, key = i.member.partition(":")
+                if i.document is None:
+                    deletes.add(collection, key, None, int(i.version))
+                else:
+                    upserts.add(collection, key, i.document.decode(), int(i.version))
             await repository.persist(conn, upserts, deletes)
             return items, []
-        except asyncpg.PostgresError as exc:
-            if not is_poison(exc):
+        except Exception as exc:
+            poison = is_poison(exc)
+            if not poison and not (isolate_bugs and classify(exc, "postgres") is None):
                 raise
             if len(items) == 1:
+                item = items[0]
+                if poison:
+                    log.error(
+                        "dead-lettered %s version %s: %s %s",
+                        item.member,
+                        item.version,
+                        sqlstate(exc),
+                        exc,
+                    )
+                    return [], [DeadLetter(item, sqlstate(exc), str(exc))]
                 log.error(
-                    "dead-lettered %s version %s: %s %s",
-                    items[0].member,
-                    items[0].version,
-                    sqlstate(exc),
-                    exc,
+                    "dead-lettered %s version %s: unexpected error (a bug?)",
+                    item.member,
+                    item.version,
+                    exc_info=exc,
                 )
-                return [], [DeadLetter(items[0], sqlstate(exc), str(exc))]
+                return [], [DeadLetter(item, None, f"{type(exc).__name__}: {exc}")]
         half = len(items) // 2
-        ok1, dead1 = await self._persist(conn, items[:half])
-        ok2, dead2 = await self._persist(conn, items[half:])
+        ok1, dead1 = await self._persist(conn, items[:half], isolate_bugs)
+        ok2, dead2 = await self._persist(conn, items[half:], isolate_bugs)
         return ok1 + ok2, dead1 + dead2
 
-    async def persist_once(self, batch: Batch) -> tuple[list[Item], list[DeadLetter]]:
+    async def persist_once(
+        self, batch: Batch, isolate_bugs: bool = False
+    ) -> tuple[list[Item], list[DeadLetter]]:
         pool = await self.pg.get()
         async with pool.acquire() as conn:
-            return await self._persist(conn, batch.items)
+            return await self._persist(conn, batch.items, isolate_bugs)
 
     async def flush_batch(self, batch: Batch, deadline: float | None = None) -> bool:
-        """Persist and release ``batch``, retrying errors that heal with backoff (forever,
-        or until ``deadline`` on the monotonic clock). Returns False if handed back."""
+        """Persist and release ``batch``. Failures of a dependency (``classify``) are
+        retried with backoff forever, or until ``deadline`` on the monotonic clock; an
+        unexpected error (a bug) is retried BUG_RETRIES times, then the batch is split so
+        the writes that trigger it are dead-lettered with the error and the rest persisted.
+        Returns False if the batch was handed back (or, past the commit, left to its lease)."""
         attempt = 0
+        bugs = 0
         started = time.monotonic()
         try:
             while True:
                 try:
-                    committed, dead = await self.persist_once(batch)
+                    committed, dead = await self.persist_once(batch, bugs > BUG_RETRIES)
                     break
-                except Exception as exc:  # every error but poison heals or needs an operator
+                except Exception as exc:
                     attempt += 1
-                    await self._note_failure(exc)
+                    bug = classify(exc, "postgres") is None
+                    if bug:
+                        bugs += 1
                     delay = min(self.settings.retry_backoff_max_seconds, 0.05 * 2**attempt)
-                    if deadline is not None and time.monotonic() + delay > deadline:
-                        await self.release(batch, [], [])
+                    give_up = deadline is not None and time.monotonic() + delay > deadline
+                    await self._note_failure(exc, retrying=not give_up, bug=bug)
+                    if give_up:
+                        await self._hand_back(batch, deadline)
                         return False
                     await asyncio.sleep(delay)
-            await self._release_reliably(batch, committed, dead)
+            if not await self._release_reliably(batch, committed, dead, deadline):
+                return False
         except asyncio.CancelledError:
-            # Shutting down: hand the batch back so another worker takes it at once.
-            await asyncio.shield(self.release(batch, [], []))
+            # Shutting down, or a write-through out of time: hand the batch back so another
+            # worker takes it at once. If Redis cannot take it now, it stays in ``held``
+            # (the worker's shutdown tries again); else its lease runs out.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.release(batch, [], []))
             raise
         duration = time.monotonic() - started
         try:
@@ -265,30 +324,61 @@ class Flusher:
         )
         return True
 
+    async def _hand_back(self, batch: Batch, deadline: float | None) -> None:
+        """Return an unpersisted batch to the dirty set; if Redis cannot take it before
+        ``deadline``, leave it to its lease."""
+        try:
+            async with asyncio.timeout(_remaining(deadline)):
+                await self.release(batch, [], [])
+        except Exception as exc:
+            if classify(exc) is None and not isinstance(exc, TimeoutError):
+                raise
+            self.held.discard(batch.id)
+            log.warning("could not hand back batch %s (%s); its lease will run out", batch.id, exc)
+
     async def _release_reliably(
-        self, batch: Batch, committed: Sequence[Item], dead: Sequence[DeadLetter]
-    ) -> None:
-        """The commit is done: retry the release through a Redis outage. Give up only when
-        shutting down; the lease then runs out and the (idempotent) flush is redone."""
+        self,
+        batch: Batch,
+        committed: Sequence[Item],
+        dead: Sequence[DeadLetter],
+        deadline: float | None = None,
+    ) -> bool:
+        """The commit is done: retry the release through a Redis outage. Give up when
+        shutting down or at ``deadline`` (False); the lease then runs out and the
+        (idempotent) flush is redone."""
         delay = 0.05
         while True:
             try:
-                await self.release(batch, committed, dead)
-                return
-            except REDIS_DOWN as exc:
-                if self.stopping:
+                async with asyncio.timeout(_remaining(deadline)):
+                    await self.release(batch, committed, dead)
+                return True
+            except Exception as exc:
+                if classify(exc) is None and not isinstance(exc, TimeoutError):
+                    raise
+                out_of_time = deadline is not None and time.monotonic() + delay > deadline
+                if self.stopping or out_of_time:
                     self.held.discard(batch.id)
-                    return
+                    log.warning(
+                        "committed batch %s not released (%s); its lease will run out",
+                        batch.id,
+                        exc,
+                    )
+                    return False
                 self._retry_log.warn("release failed, retrying: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    async def _note_failure(self, exc: BaseException) -> None:
+    async def _note_failure(self, exc: BaseException, retrying: bool, bug: bool) -> None:
         text = f"{type(exc).__name__}: {exc}"
-        self._retry_log.warn("flush failed, retrying with backoff: %s", text)
+        if bug:
+            log.error("flush failed with an unexpected error (a bug?)", exc_info=exc)
+        else:
+            self._retry_log.warn("flush failed, retrying with backoff: %s", text)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hincrby(self.keys.counters, "flush_failures", 1)
+                if retrying:
+                    pipe.hincrby(self.keys.counters, "flush_retries", 1)
                 pipe.set(self.keys.last_error, orjson.dumps({"error": text, "at": time.time()}))
                 await pipe.execute()
         except Exception:  # Redis trouble is reported by its own callers
@@ -318,33 +408,67 @@ class Flusher:
 
     async def next_ready_in_ms(self) -> int | None:
         """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
-        first = await self.redis.zrange(self.keys.dirty, 0, 0, withscores=True)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.dirty, 0, 0, withscores=True)
+            pipe.time()
+            first, (seconds, micros) = await pipe.execute()
         if not first:
             return None
+        # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
         due = int(first[0][1]) + self.settings.write_delay_ms
-        return max(0, due - now_ms())
+        return max(0, due - (int(seconds) * 1000 + int(micros) // 1000))
 
     # -- write-through ------------------------------------------------------------------
 
-    async def write_through(self, m: str, version: int, timeout: float) -> str:
+    async def write_through(self, m: str, version: int, timeout: float) -> Outcome:
         """Persist ``m`` now (or wait for the worker that holds it) until ``version`` is
-        committed. Returns "committed", "dead" (dead-lettered) or "timeout" (still queued)."""
-        deadline = time.monotonic() + timeout
-        batch = await self.claim([m])
-        if batch is not None:
-            await self.flush_batch(batch, deadline=deadline)
+        committed, for at most ``timeout`` seconds whatever Redis and Postgres do."""
+        task = asyncio.ensure_future(self._write_through(m, version, time.monotonic() + timeout))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        # Out of time (e.g. Redis stopped answering after the commit): the write stays
+        # queued; what the task holds is handed back in the background or its lease runs out.
+        task.cancel()
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+        return Outcome.TIMEOUT
+
+    def _forget(self, task: asyncio.Future[Outcome]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("write-through ended after its deadline: %s", task.exception())
+
+    async def _write_through(self, m: str, version: int, deadline: float) -> Outcome:
         entry = self.keys.entry(*split_member(m))
+        claimed = False
         delay = 0.002
         while True:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hget(entry, "p")
-                pipe.hexists(self.keys.dead, m)
-                persisted, dead = await pipe.execute()
-            if persisted is not None and int(persisted) >= version:
-                return "committed"
-            if dead:
-                return "dead"
+            try:
+                if not claimed:
+                    claimed = True
+                    batch = await self.claim([m])
+                    if batch is not None:
+                        # Handed back at the deadline or not: a worker may still commit it.
+                        await self.flush_batch(batch, deadline)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(entry, "p")
+                    pipe.hexists(self.keys.dead, m)
+                    persisted, dead = await pipe.execute()
+                if persisted is not None and int(persisted) >= version:
+                    return Outcome.COMMITTED
+                if dead:
+                    return Outcome.DEAD
+            except Exception as exc:
+                # The write is accepted and queued: a dependency failing now only means we
+                # cannot confirm the commit (yet).
+                if classify(exc) is None:
+                    raise
             if time.monotonic() + delay > deadline:
-                return "timeout"
+                return Outcome.TIMEOUT
             await asyncio.sleep(delay)
             delay = min(0.05, delay * 2)

@@ -174,7 +174,14 @@ class RecordStore:
         pre, stored = call.pre, call.stored
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
-        keys = [k.entry(call.collection, call.key), k.dirty, k.inflight, k.wake, k.dead]
+        keys = [
+            k.entry(call.collection, call.key),
+            k.dirty,
+            k.inflight,
+            k.wake,
+            k.dead,
+            k.pending_counts,
+        ]
         args = [
             call.op.value,
             call.document,

@@ -50,6 +50,16 @@ class Keys:
         return f"{self.prefix}inflight"
 
     @property
+    def pending_counts(self) -> str:
+        """HASH collection -> how many of its members are in ``dirty`` plus ``inflight``.
+
+        Invariant: every script that adds a member to, or removes one from, ``dirty`` or
+        ``inflight`` (write, claim, release, deadletters) adjusts its collection's field by
+        the same amount in the same script, so the sum of the fields is ``pending`` and
+        /v1/stats reads pending per collection in O(collections). A field at 0 is removed."""
+        return f"{self.prefix}pendingc"
+
+    @property
     def leases(self) -> str:
         """ZSET batch id -> lease expiry (ms)."""
         return f"{self.prefix}leases"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -12,13 +11,29 @@ from redis.asyncio import Redis
 from service.core.redis_keys import Keys
 
 WORKER_ALIVE_MS = 15_000
-# Pending per collection is counted from the members themselves, up to this many.
+# Pending per collection is counted from the members themselves, up to this many, only
+# when the kept counts disagree with the queue (a queue left by a version without them).
 PER_COLLECTION_LIMIT = 100_000
 
 
 async def pending_by_collection(redis: Redis, keys: Keys) -> dict[str, Any]:
-    """Pending keys per collection (dirty + in flight); exact up to PER_COLLECTION_LIMIT
-    keys, a count of the first ones beyond that (``"exact": false``)."""
+    """Pending keys per collection (dirty + in flight), from the counts the scripts keep
+    (``Keys.pending_counts``): O(collections), whatever the queue's size. ``exact`` is
+    True when they add up to ``pending``, read in the same transaction; otherwise (a
+    queue older than the counts, until it drains) the members are counted instead, exactly
+    up to PER_COLLECTION_LIMIT keys."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.pending_counts)
+        pipe.zcard(keys.dirty)
+        pipe.hlen(keys.inflight)
+        raw, dirty_total, inflight_total = await pipe.execute()
+    counts = {c.decode(): int(n) for c, n in raw.items() if int(n) > 0}
+    if sum(counts.values()) == dirty_total + inflight_total:
+        return {"counts": dict(sorted(counts.items())), "exact": True}
+    return await _count_members(redis, keys)
+
+
+async def _count_members(redis: Redis, keys: Keys) -> dict[str, Any]:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrange(keys.dirty, 0, PER_COLLECTION_LIMIT - 1)
         pipe.zcard(keys.dirty)
@@ -40,8 +55,17 @@ def _number(raw: bytes) -> float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
+async def redis_now_ms(redis: Redis) -> int:
+    """Redis' clock in ms: the one clock every process compares times with (the scripts
+    stamp dirty marks, leases and the flush log with ``TIME``; workers their heartbeats)."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[str, Any]:
-    now = int(time.time() * 1000)
+    # Redis' clock, which stamps dirty marks, batch ages, heartbeats and the flush log: an
+    # API host's skewed clock must not make live workers look dead or ages look wrong.
+    now = await redis_now_ms(redis)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(keys.dirty)
         pipe.hlen(keys.inflight)
@@ -88,6 +112,7 @@ async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[
         "flush_batches": counters.get("batches", 0),
         "flush_rate_per_s": round(flushed_last_minute / 60, 2),
         "flush_failures": counters.get("flush_failures", 0),
+        "flush_retries": counters.get("flush_retries", 0),
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
     }

@@ -54,6 +54,8 @@ def test_dependency_failures_are_classified(exc: Exception, code: str) -> None:
         redis_errors.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"),
         redis_errors.DataError("Invalid input of type: 'dict'"),
         asyncpg.DataError("invalid input syntax for type json"),  # poison: dead-lettered
+        # Refused by asyncpg before it reached Postgres: bad input, not an outage.
+        asyncpg.exceptions._base.DataError("invalid input for query argument $1"),
     ],
 )
 def test_bugs_and_bad_data_are_not_dependency_failures(exc: Exception) -> None:

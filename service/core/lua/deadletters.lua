@@ -1,18 +1,24 @@
 -- Operator decisions on dead letters, atomically per key.
--- KEYS: 1 dead letters, 2 dirty, 3 inflight
--- ARGV: 1 action (retry|drop), 2 prefix, 3 now ms, 4.. members
+-- KEYS: 1 dead letters, 2 dirty, 3 inflight, 4 pending counts
+-- ARGV: 1 action (retry|drop), 2 prefix, 3.. members
 -- retry: the write goes back to the dirty set (flushed again with its current version).
 -- drop: the write is discarded and the cached entry evicted, so reads show Postgres.
 -- Returns the members acted upon.
+-- A retried write is dirty from now on Redis' clock (the one claim.lua compares with).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local done = {}
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   local m = ARGV[i]
   if redis.call('HDEL', KEYS[1], m) == 1 then
     local e = ARGV[2] .. 'e:' .. m
     if ARGV[1] == 'retry' then
       redis.call('HDEL', e, 'x')
       if redis.call('EXISTS', e) == 1 and redis.call('HEXISTS', KEYS[3], m) == 0 then
-        redis.call('ZADD', KEYS[2], 'NX', ARGV[3], m)
+        -- Pending counts (redis_keys.Keys.pending_counts): pending again, +1.
+        if redis.call('ZADD', KEYS[2], 'NX', now, m) == 1 then
+          redis.call('HINCRBY', KEYS[4], string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1), 1)
+        end
       end
     else
       redis.call('DEL', e)

@@ -2,6 +2,7 @@
 -- KEYS: 1 dirty, 2 inflight, 3 dead letters
 -- ARGV: 1 prefix, 2 floor TTL ms, 3.. members
 -- Returns {invalidated, skipped_pending}
+-- Touches neither dirty nor inflight, so the pending counts (Keys.pending_counts) hold.
 local prefix = ARGV[1]
 local dropped, skipped = 0, 0
 for i = 3, #ARGV do

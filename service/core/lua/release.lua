@@ -1,14 +1,29 @@
 -- After the batch's transaction committed (or after giving up on it): clear dirty marks
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
--- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log
--- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms, 5 now ms,
---       6 number of committed pairs n, then n x (member, version),
+-- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
+--       8 pending counts
+-- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms,
+--       5 number of committed pairs n, then n x (member, version),
 --       then triples (member, version, dead-letter JSON)
+-- Times (the flush log, requeued dirty marks) come from Redis' TIME, as in claim.lua.
 local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch, prefix = ARGV[1], ARGV[2]
 local bk = prefix .. 'b:' .. batch
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Pending counts (redis_keys.Keys.pending_counts): each collection's field moves by what
+-- this script adds to or removes from dirty + inflight: -1 for a key committed and clean
+-- or dead-lettered, 0 for one handed back or put back because a newer write landed.
+local delta = {}
+local function count(m, d)
+  if d ~= 0 then
+    local c = string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1)
+    delta[c] = (delta[c] or 0) + d
+  end
+end
 
 local function owned(m)
   return redis.call('HGET', inflight, m) == batch
@@ -19,7 +34,7 @@ local owners = {}
 if n > 0 then
   local members = {}
   for j = 1, n do
-    members[j] = ARGV[5 + 2 * j]
+    members[j] = ARGV[4 + 2 * j]
   end
   owners = redis.call('HMGET', inflight, unpack(members))
 end
@@ -27,7 +42,7 @@ end
 local committed = 0
 local handled = {}
 local released = {}
-local i = 7
+local i = 6
 for j = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
   i = i + 2
@@ -37,6 +52,7 @@ for j = 1, n do
   local mine = owners[j] == batch
   if mine then
     table.insert(released, m)
+    count(m, -1)
   end
   local cur = redis.call('HMGET', e, 'v', 'p', 't')
   if cur[1] == v then
@@ -45,7 +61,7 @@ for j = 1, n do
     -- (While we owned it, writes could not put it back in the dirty set.)
     if mine or redis.call('HEXISTS', inflight, m) == 0 then
       if not mine then
-        redis.call('ZREM', dirty, m)
+        count(m, -redis.call('ZREM', dirty, m))
       end
       if cur[3] == '1' then
         redis.call('PEXPIRE', e, ARGV[4])
@@ -59,7 +75,7 @@ for j = 1, n do
     end
     -- A newer write landed while we flushed: it must be flushed too.
     if mine then
-      redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or ARGV[5], m)
+      count(m, redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or now, m))
     end
   end
 end
@@ -73,6 +89,7 @@ while i + 2 <= #ARGV do
   local score = redis.call('HGET', bk, m)
   if mine then
     redis.call('HDEL', inflight, m)
+    count(m, -1)
     local cur = redis.call('HGET', prefix .. 'e:' .. m, 'v')
     if cur == v then
       -- Count the attempts across operator retries (a new write resets the count).
@@ -81,7 +98,7 @@ while i + 2 <= #ARGV do
       redis.call('HSET', prefix .. 'e:' .. m, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
-      redis.call('ZADD', dirty, 'NX', score or ARGV[5], m)
+      count(m, redis.call('ZADD', dirty, 'NX', score or now, m))
     end
   end
 end
@@ -91,11 +108,16 @@ local rest = redis.call('HGETALL', bk)
 for j = 1, #rest, 2 do
   if not handled[rest[j]] and redis.call('HGET', inflight, rest[j]) == batch then
     redis.call('HDEL', inflight, rest[j])
-    redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j])
+    count(rest[j], redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j]) - 1)
   end
 end
 if #released > 0 then
   redis.call('HDEL', inflight, unpack(released))
+end
+for c, d in pairs(delta) do
+  if d ~= 0 and redis.call('HINCRBY', KEYS[8], c, d) <= 0 then
+    redis.call('HDEL', KEYS[8], c)
+  end
 end
 redis.call('DEL', bk)
 redis.call('ZREM', leases, batch)
@@ -103,8 +125,8 @@ redis.call('ZREM', ages, batch)
 if committed > 0 then
   redis.call('HINCRBY', KEYS[6], 'flushed', committed)
   redis.call('HINCRBY', KEYS[6], 'batches', 1)
-  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[5] .. ':' .. committed .. ':' .. batch)
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[5]) - 600000)
+  redis.call('ZADD', KEYS[7], now, now .. ':' .. committed .. ':' .. batch)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - 600000)
 end
 if dead_count > 0 then
   redis.call('HINCRBY', KEYS[6], 'dead_lettered', dead_count)

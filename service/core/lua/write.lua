@@ -1,6 +1,6 @@
 -- The whole write path in one round trip: preconditions, version, entry, dirty mark,
 -- backpressure and "must a flush be scheduled?".
--- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead
+-- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts
 -- ARGV: 1 op (put|del|patch), 2 document, 3 member,
 --       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
 --       6 If-None-Match mode, 7 If-None-Match list,
@@ -87,7 +87,10 @@ if not pending then
     redis.call('PERSIST', e)
   end
   redis.call('HDEL', KEYS[5], m)
-  redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m)
+  -- Pending counts (redis_keys.Keys.pending_counts): the key becomes pending, +1.
+  if redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m) == 1 then
+    redis.call('HINCRBY', KEYS[6], string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1), 1)
+  end
 end
 local schedule = '0'
 if redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[12]) then
