@@ -111,6 +111,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.limits = _process_limits()
         self._phase = _HEAD
         self._head_bytes = 0  # bytes of the current head received so far
+        self._messages = 0  # requests read whole on this connection
         self._deadline = 0.0  # when the current phase times out
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
@@ -189,14 +190,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def _feed_past_room(self, data: bytes, room: int) -> None:
-        """Feed what fits; if the head is still incomplete it is too large, else the
-        rest belongs to the body or to the next request."""
+        """Feed what fits. If the head it began with is still incomplete, it is too large;
+        else the rest belongs to its body or to the next (pipelined) requests, and is
+        counted afresh: a head that began within what fitted is counted from the next
+        read on, so pipelined heads get at most twice the limit, never more."""
+        messages = self._messages
         if room > 0:
             self._head_bytes += room
             super().data_received(data[:room])
         if self._phase == _DRAIN or self.transport.is_closing():
             return
-        if self._phase == _HEAD:
+        if self._phase == _HEAD and self._messages == messages:
             self._refuse_request(_HEADER_TOO_LARGE)
             return
         self.data_received(data[room:])
@@ -218,6 +222,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._phase = _IDLE
         self._head_bytes = 0
+        self._messages += 1
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -260,8 +265,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()  # opened and never used: nothing to answer
             else:
                 self._refuse_request(_HEADER_TIMEOUT)
-        elif self.flow.read_paused:
-            # uvicorn stopped reading until the application takes the body it holds:
+        elif self.flow.read_paused or self.cycle.waiting_for_100_continue:
+            # uvicorn stopped reading until the application takes the body it holds, or
+            # the client waits for the 100 Continue the application has not asked for:
             # not the client's doing.
             self._watch(now + self.limits.body_timeout)
         elif self.cycle.response_started:
