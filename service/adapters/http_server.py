@@ -89,6 +89,9 @@ def _answer(status: int, code: str, message: str, *headers: bytes) -> tuple[byte
     return STATUS_LINE[status], b"".join(rest)
 
 
+_Base = HttpToolsProtocol  # called directly, not through super(): these run per request
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` with a head size limit, head/body deadlines and a connection
     cap; pass the class as ``uvicorn.run(..., http=LimitedHttpToolsProtocol)``."""
@@ -187,7 +190,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._feed_past_room(data, room)
                 return
             self._head_bytes += len(data)
-        super().data_received(data)
+        _Base.data_received(self, data)
 
     def _feed_past_room(self, data: bytes, room: int) -> None:
         """Feed what fits. If the head it began with is still incomplete, it is too large;
@@ -197,7 +200,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         messages = self._messages
         if room > 0:
             self._head_bytes += room
-            super().data_received(data[:room])
+            _Base.data_received(self, data[:room])
         if self._phase == _DRAIN or self.transport.is_closing():
             return
         if self._phase == _HEAD and self._messages == messages:
@@ -205,33 +208,37 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.data_received(data[room:])
 
+    # The parser's callbacks run for every request: `_watch` is inlined to its common
+    # case (a watchdog already armed to fire no later than the new deadline).
+
     def on_message_begin(self) -> None:
+        LimitedHttpToolsProtocol._idle.pop(self, None)
         if self._phase == _IDLE:  # a later request on a kept-alive connection
-            self._phase = _HEAD
-            LimitedHttpToolsProtocol._idle.pop(self, None)
-            self._watch(self.loop.time() + self.limits.header_timeout)
-        else:  # the connection's first request: its deadline runs from the open
-            LimitedHttpToolsProtocol._idle.pop(self, None)
-        super().on_message_begin()
+            self._phase = _HEAD  # (the first one's deadline runs from the open)
+            deadline = self._deadline = self.loop.time() + self.limits.header_timeout
+            if self._watchdog is None or deadline < self._watchdog_at:
+                self._watch(deadline)
+        _Base.on_message_begin(self)
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        self._watch(self.loop.time() + self.limits.body_timeout)
-        super().on_headers_complete()
+        deadline = self._deadline = self.loop.time() + self.limits.body_timeout
+        if self._watchdog is None or deadline < self._watchdog_at:
+            self._watch(deadline)
+        _Base.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE
         self._head_bytes = 0
         self._messages += 1
-        super().on_message_complete()
+        _Base.on_message_complete(self)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.transport.is_closing():
-            return
+        _Base.on_response_complete(self)
+        if self.timeout_keep_alive_task is None:
+            return  # closing, or a pipelined request started
         if self._phase == _IDLE:
-            if self.timeout_keep_alive_task is not None:
-                LimitedHttpToolsProtocol._idle[self] = None
+            LimitedHttpToolsProtocol._idle[self] = None
         else:
             # Part of the next request arrived during this response: it is under the
             # header deadline now, not uvicorn's keep-alive timer.
