@@ -27,7 +27,7 @@ import resource
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import orjson
 from uvicorn.config import Config
@@ -74,9 +74,16 @@ def _process_limits() -> HttpLimits:
     return HttpLimits.from_settings(get_settings())
 
 
-def _answer(status: int, code: str, message: str, *headers: bytes) -> tuple[bytes, bytes]:
-    """An answer written by the protocol: its status line, and the rest after uvicorn's
-    default headers (date, server)."""
+class _Refusal(NamedTuple):
+    """An answer written by the protocol: its status line, the rest after uvicorn's
+    default headers (date, server), and what the log calls it."""
+
+    status_line: bytes
+    rest: bytes
+    what: str
+
+
+def _refusal(status: int, code: str, message: str, what: str, *headers: bytes) -> _Refusal:
     body = orjson.dumps({"error": {"code": code, "message": message}})
     rest = [
         b"content-type: application/json\r\n",
@@ -86,7 +93,7 @@ def _answer(status: int, code: str, message: str, *headers: bytes) -> tuple[byte
         b"\r\n",
         body,
     ]
-    return STATUS_LINE[status], b"".join(rest)
+    return _Refusal(STATUS_LINE[status], b"".join(rest), what)
 
 
 _Base = HttpToolsProtocol  # called directly, not through super(): these run per request
@@ -100,7 +107,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # may close when the cap is reached. One uvicorn server per process (`wbcache serve`).
     _idle: ClassVar[OrderedDict[LimitedHttpToolsProtocol, None]] = OrderedDict()
     _closing_idle: ClassVar[int] = 0  # closed for a newcomer, not yet gone from `connections`
-    _refused: ClassVar[int] = 0
+    _refused: ClassVar[dict[str, int]] = {}  # what -> how many since the last warning
     _warned_at: ClassVar[float] = float("-inf")
 
     def __init__(
@@ -163,18 +170,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _DRAIN
         self._write(_SERVICE_UNAVAILABLE)
         transport.close()
+        self._count(_SERVICE_UNAVAILABLE)
+
+    def _count(self, refusal: _Refusal) -> None:
+        """Count a refusal; warn at most every few seconds with the counts since."""
         cls = LimitedHttpToolsProtocol
-        cls._refused += 1
+        cls._refused[refusal.what] = cls._refused.get(refusal.what, 0) + 1
         now = self.loop.time()
         if now - cls._warned_at >= _WARN_EVERY_SECONDS:
-            log.warning(
-                "HTTP_MAX_CONNECTIONS (%d) reached with no idle connection to close: "
-                "refused %d connection(s) with 503 since the last warning",
-                self.limits.max_connections,
-                cls._refused,
-            )
+            counts = ", ".join(f"{n} {what}" for what, n in cls._refused.items())
+            log.warning("HTTP limits: refused since the last warning: %s", counts)
             cls._warned_at = now
-            cls._refused = 0
+            cls._refused.clear()
 
     # Reading
 
@@ -269,7 +276,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 # doing. Its deadline restarts once that response is written.
                 self._watch(now + self.limits.header_timeout)
             elif self._head_bytes == 0:
-                self.transport.close()  # opened and never used: nothing to answer
+                self.transport.close()  # opened and never used: nothing to answer or log
             else:
                 self._refuse_request(_HEADER_TIMEOUT)
         elif self.flow.read_paused or self.cycle.waiting_for_100_continue:
@@ -277,33 +284,32 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # the client waits for the 100 Continue the application has not asked for:
             # not the client's doing.
             self._watch(now + self.limits.body_timeout)
-        elif self.cycle.response_started:
-            self.transport.close()  # too late for a 408: the answer has begun
         else:
-            self.cycle.disconnected = True  # the application sees http.disconnect
-            self.cycle.message_event.set()
+            if not self.cycle.response_started:  # else too late for a 408: just close
+                self.cycle.disconnected = True  # the application sees http.disconnect
+                self.cycle.message_event.set()
             self._refuse_request(_BODY_TIMEOUT)
 
     # Refusing a request
 
-    def _write(self, answer: tuple[bytes, bytes]) -> None:
-        status_line, rest = answer
-        out = [status_line]
+    def _write(self, refusal: _Refusal) -> None:
+        out = [refusal.status_line]
         for name, value in self.server_state.default_headers:
             out += (name, b": ", value, b"\r\n")
-        out.append(rest)
+        out.append(refusal.rest)
         self.transport.write(b"".join(out))
 
-    def _refuse_request(self, answer: tuple[bytes, bytes]) -> None:
+    def _refuse_request(self, refusal: _Refusal) -> None:
         self._phase = _DRAIN
         LimitedHttpToolsProtocol._idle.pop(self, None)
         self._unset_keepalive_if_required()
+        self._count(refusal)
         transport = self.transport
         if self.cycle is not None and not self.cycle.response_complete:
-            if not self.cycle.disconnected:  # an answer is due on this connection
+            if not self.cycle.disconnected:  # an answer is due (or begun) on this connection
                 transport.close()
                 return
-        self._write(answer)
+        self._write(refusal)
         if not transport.can_write_eof():
             transport.close()
             return
@@ -333,24 +339,28 @@ def raise_open_files_limit(max_connections: int) -> None:
         )
 
 
-_SERVICE_UNAVAILABLE = _answer(
+_SERVICE_UNAVAILABLE = _refusal(
     503,
     "unavailable",
     "Too many open connections (HTTP_MAX_CONNECTIONS); retry shortly.",
+    "connections at HTTP_MAX_CONNECTIONS with none idle (503)",
     b"retry-after: 1\r\n",
 )
-_HEADER_TOO_LARGE = _answer(
+_HEADER_TOO_LARGE = _refusal(
     431,
     "header_too_large",
     "The request line and headers exceed HTTP_MAX_HEADER_BYTES.",
+    "heads over HTTP_MAX_HEADER_BYTES (431)",
 )
-_HEADER_TIMEOUT = _answer(
+_HEADER_TIMEOUT = _refusal(
     408,
     "header_timeout",
     "The request line and headers did not arrive within HTTP_HEADER_TIMEOUT_SECONDS.",
+    "heads past HTTP_HEADER_TIMEOUT_SECONDS (408)",
 )
-_BODY_TIMEOUT = _answer(
+_BODY_TIMEOUT = _refusal(
     408,
     "body_timeout",
     "The request body stalled for longer than HTTP_BODY_TIMEOUT_SECONDS.",
+    "bodies past HTTP_BODY_TIMEOUT_SECONDS (408)",
 )
