@@ -157,6 +157,18 @@ def test_a_head_must_arrive_within_the_header_timeout(procs: Procs) -> None:
     assert (answer, closed) == (b"", True)
     assert 0.9 < time.monotonic() - started < 3
 
+    # On a kept-alive connection the next head's deadline runs from its first byte.
+    with _connect(api) as sock:
+        sock.sendall(HEALTHZ)
+        assert _read_response(sock, HEALTHZ_BODY).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.7)  # idle between requests: under the keep-alive timeout (5 s)
+        sock.sendall(HEALTHZ[:20])
+        started = time.monotonic()
+        answer, closed = _read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert closed
+    assert 0.9 < time.monotonic() - started < 3
+
     # A head in two parts well within the deadline is served.
     with _connect(api) as sock:
         sock.sendall(HEALTHZ[:20])
