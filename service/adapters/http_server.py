@@ -46,7 +46,7 @@ _DRAIN = 3  # refused: the answer is written, what arrives is dropped until the 
 
 # How long a refused connection keeps reading (and dropping) what the client still sends.
 _LINGER_SECONDS = 2.0
-# At most one warning per this many seconds when connections are refused at the cap.
+# At most one warning per this many seconds while clients are being refused.
 _WARN_EVERY_SECONDS = 10.0
 
 
