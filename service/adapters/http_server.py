@@ -5,8 +5,10 @@
   grow one header by concatenation, quadratically, for as long as the client sends);
 - the head must be complete ``HTTP_HEADER_TIMEOUT_SECONDS`` after the connection opened
   (first request) or after its first byte (later requests): else ``408`` and close;
-- the body may pause at most ``HTTP_BODY_TIMEOUT_SECONDS`` between two reads: else ``408``
-  (or a close, once the application has started answering);
+- the body may pause at most ``HTTP_BODY_TIMEOUT_SECONDS`` between two reads, and must
+  keep up ``HTTP_BODY_MIN_RATE`` bytes a second on average past that grace (Apache's
+  ``mod_reqtimeout`` rule: a trickle of a byte now and then is no longer a way to hold a
+  connection): else ``408`` (or a close, once the application has started answering);
 - at most ``HTTP_MAX_CONNECTIONS`` connections are open per process: a new connection
   past it closes the oldest idle one (opened or kept alive without a byte of a request,
   as nginx reuses keep-alive connections), or, when none is idle, is answered ``503``
@@ -55,6 +57,7 @@ class HttpLimits:
     max_header_bytes: int
     header_timeout: float
     body_timeout: float
+    body_seconds_per_byte: float  # 1 / HTTP_BODY_MIN_RATE
     max_connections: int
 
     @classmethod
@@ -63,6 +66,7 @@ class HttpLimits:
             max_header_bytes=settings.http_max_header_bytes,
             header_timeout=settings.http_header_timeout_seconds,
             body_timeout=settings.http_body_timeout_seconds,
+            body_seconds_per_byte=1 / settings.http_body_min_rate,
             max_connections=settings.http_max_connections,
         )
 
@@ -123,6 +127,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes of the current head received so far
         self._messages = 0  # requests read whole on this connection
         self._deadline = 0.0  # when the current phase times out
+        self._body_start = 0.0  # when the body began (moved on while reading was paused)
+        self._body_bytes = 0  # of the current body, received so far
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
         self._linger: asyncio.TimerHandle | None = None
@@ -188,8 +194,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         phase = self._phase
         if phase == _BODY:
-            self._deadline = self.loop.time() + self.limits.body_timeout
-        elif phase == _DRAIN:
+            _Base.data_received(self, data)
+            if self._phase == _BODY:  # the later of the pause and the pace deadlines
+                limits = self.limits
+                paced = self._body_start + self._body_bytes * limits.body_seconds_per_byte
+                self._deadline = min(self.loop.time(), paced) + limits.body_timeout
+            return
+        if phase == _DRAIN:
             return
         else:  # a head is due: bound it before the parser buffers any of it
             room = self.limits.max_header_bytes - self._head_bytes
@@ -229,10 +240,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        deadline = self._deadline = self.loop.time() + self.limits.body_timeout
+        self._body_start = now = self.loop.time()
+        self._body_bytes = 0
+        deadline = self._deadline = now + self.limits.body_timeout
         if self._watchdog is None or deadline < self._watchdog_at:
             self._watch(deadline)
         _Base.on_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        _Base.on_body(self, body)
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE
@@ -283,6 +300,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # uvicorn stopped reading until the application takes the body it holds, or
             # the client waits for the 100 Continue the application has not asked for:
             # not the client's doing.
+            self._body_start = now - self._body_bytes * self.limits.body_seconds_per_byte
             self._watch(now + self.limits.body_timeout)
         else:
             if not self.cycle.response_started:  # else too late for a 408: just close
@@ -361,6 +379,7 @@ _HEADER_TIMEOUT = _refusal(
 _BODY_TIMEOUT = _refusal(
     408,
     "body_timeout",
-    "The request body stalled for longer than HTTP_BODY_TIMEOUT_SECONDS.",
-    "bodies past HTTP_BODY_TIMEOUT_SECONDS (408)",
+    "The request body paused for longer than HTTP_BODY_TIMEOUT_SECONDS, or arrived "
+    "slower than HTTP_BODY_MIN_RATE bytes a second.",
+    "bodies past HTTP_BODY_TIMEOUT_SECONDS or under HTTP_BODY_MIN_RATE (408)",
 )

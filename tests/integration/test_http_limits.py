@@ -189,15 +189,17 @@ def test_idle_keep_alive_connections_are_closed(procs: Procs) -> None:
     assert time.monotonic() - started < 2.5
 
 
-def test_a_body_that_stalls_past_the_body_timeout_is_cut_off(procs: Procs) -> None:
-    api = _api(procs, HTTP_BODY_TIMEOUT_SECONDS="1")
+def test_a_body_that_stalls_or_trickles_past_the_body_timeout_is_cut_off(
+    procs: Procs,
+) -> None:
+    api = _api(procs, HTTP_BODY_TIMEOUT_SECONDS="1", HTTP_BODY_MIN_RATE="20")
     doc = b'{"payload": "' + b"x" * 64 + b'"}'
     head = (
         f"PUT /v1/t{uuid.uuid4().hex[:12]}/k HTTP/1.1\r\nHost: wbcache\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(doc)}\r\n\r\n"
     ).encode()
 
-    # Pauses shorter than the timeout: the document is stored.
+    # Pauses shorter than the timeout, 40 bytes/s: the document is stored.
     with _connect(api) as sock:
         sock.sendall(head)
         for part in (doc[:20], doc[20:40], doc[40:]):
@@ -215,6 +217,25 @@ def test_a_body_that_stalls_past_the_body_timeout_is_cut_off(procs: Procs) -> No
     assert _error_code(answer) == "body_timeout"
     assert closed
     assert 0.9 < time.monotonic() - started < 3
+
+    # A byte every 0.25 s: no pause reaches the timeout, but 4 bytes/s is under the
+    # 20 bytes/s minimum: cut off about 1.25 s after the head (1 s + 5 bytes / 20).
+    with _connect(api) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        answered = False
+        for byte in doc:  # about 20 s in all
+            readable, _, _ = select.select([sock], [], [], 0.25)
+            if readable:
+                answered = True
+                break
+            sock.sendall(bytes([byte]))
+        assert answered, "the trickled body was never cut off"
+        answer, closed = _read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert _error_code(answer) == "body_timeout"
+    assert closed
+    assert 1.1 < time.monotonic() - started < 3.5
     assert httpx.get(f"{api.url}/healthz").status_code == 200
 
 
