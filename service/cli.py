@@ -51,6 +51,7 @@ def serve(
     """Run the HTTP API (uvicorn with uvloop and httptools)."""
     import uvicorn
 
+    from service.adapters.http_server import LimitedHttpToolsProtocol, raise_open_files_limit
     from service.adapters.logs import setup
 
     settings = _settings(redis_url, database_url)
@@ -61,6 +62,7 @@ def serve(
             "and write every record. Set API_KEYS=key:scope,...",
             host,
         )
+    raise_open_files_limit(settings.http_max_connections)
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
@@ -68,7 +70,10 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a head size limit, head/body deadlines and a connection cap.
+        http=LimitedHttpToolsProtocol,
+        ws="none",  # the API has no WebSocket route: no Upgrade takes a connection away
+        timeout_keep_alive=settings.http_keep_alive_timeout_seconds,
         # SIGTERM: stop accepting, finish in-flight requests within this bound.
         timeout_graceful_shutdown=10,
         log_level=settings.log_level.lower(),

@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     # transactions); asyncpg's default otherwise.
     pg_statement_cache_size: int = 100
 
+    # HTTP limits of `wbcache serve` (per process; service/adapters/http_server.py).
+    # Request line + headers, bytes: past it 431 and close.
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    # From a connection's open (or a later request's first byte) to the end of its
+    # headers: past it 408 and close. A connection that sends nothing is closed then too.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Longest pause between two reads of a request body; and past that grace, the body
+    # must average at least HTTP_BODY_MIN_RATE bytes/s (Apache's MinRate): else 408.
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_body_min_rate: int = Field(default=500, ge=1)
+    # Open connections: past it a new one closes the oldest idle one, else gets 503.
+    http_max_connections: int = Field(default=2048, ge=1)
+    # An idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive).
+    http_keep_alive_timeout_seconds: int = Field(default=5, ge=1)
+
     # The worker touches this file on every heartbeat (`wbcache healthcheck worker`).
     worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"
 
