@@ -16,7 +16,9 @@ from service.core.redis_keys import Keys
 log = logging.getLogger("wbcache.worker")
 
 
-async def _drain(ctx: dict[str, Any]) -> int:
+async def drain(ctx: dict[str, Any], scheduling: bool = True) -> int:
+    """Flush whatever is ready; then, if ``scheduling``, enqueue a wake-up for what is not
+    (a Redis at maxmemory refuses that enqueue: the worker's poll loop drains instead)."""
     flusher: Flusher = ctx["flusher"]
     lock: asyncio.Lock = ctx["flush_lock"]
     keys: Keys = flusher.keys
@@ -34,6 +36,8 @@ async def _drain(ctx: dict[str, Any]) -> int:
             if wait_ms is None or wait_ms > flusher.settings.write_delay_ms:
                 break
             await asyncio.sleep(max(wait_ms, flusher.settings.write_delay_ms // 5) / 1000)
+    if not scheduling:
+        return flushed
     # Outside the lock: a wake-up that arrived while we drained returned at once, so
     # schedule whatever is still dirty ourselves.
     wait_ms = await flusher.next_ready_in_ms()
@@ -43,11 +47,11 @@ async def _drain(ctx: dict[str, Any]) -> int:
 
 
 async def flush(ctx: dict[str, Any]) -> int:
-    return await _drain(ctx)
+    return await drain(ctx)
 
 
 async def sweep(ctx: dict[str, Any]) -> int:
-    flushed = await _drain(ctx)
+    flushed = await drain(ctx)
     ctx["sweeps"] = ctx.get("sweeps", 0) + 1
     if ctx["sweeps"] % 720 == 1:  # about hourly: forget deletes older than the retention
         flusher: Flusher = ctx["flusher"]

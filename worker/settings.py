@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from service.adapters.postgres import PgPool
 from service.adapters.redis import create_redis
 from service.adapters.redis_check import check_redis_durability
 from service.config import Settings, get_settings
+from service.core.errors import classify
 from service.core.flusher import Flusher
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
-from service.core.stats import redis_now_ms
-from worker.flush import flush, sweep
+from worker.flush import drain, flush, sweep
 
 log = logging.getLogger("wbcache.worker")
 
@@ -31,15 +32,12 @@ HEARTBEAT_SECONDS = 5.0
 
 async def _heartbeat(ctx: dict[str, Any]) -> None:
     flusher: Flusher = ctx["flusher"]
-    keys: Keys = flusher.keys
     period = min(HEARTBEAT_SECONDS, flusher.settings.lease_seconds / 3)
     while True:
         try:
-            # Redis' clock: /v1/stats compares heartbeats with it, from any API process.
-            now = await redis_now_ms(flusher.redis)
-            await flusher.redis.zadd(keys.workers, {ctx["worker_id"]: now})
-            await flusher.redis.zremrangebyscore(keys.workers, "-inf", now - 3_600_000)
-            await flusher.renew_leases()
+            # One script, on Redis' clock (which /v1/stats compares heartbeats with), that
+            # Redis runs even at maxmemory.
+            await flusher.renew_leases(ctx["worker_id"])
             Path(flusher.settings.worker_heartbeat_file).touch()
         except Exception as exc:
             log.debug("heartbeat failed: %s", exc)
@@ -92,6 +90,26 @@ class FlushWorker(Worker):
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             self.tasks.clear()
         await super().close()
+
+    _full_logged_at = 0.0
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, except at maxmemory: Redis then refuses arq's own writes (the
+        in-progress mark that starts a job, cron enqueues, the health key), so no flush job
+        can start and arq's poll loop would die. Drain from here instead: claim and release
+        run even at maxmemory, and each release makes the flushed entries evictable, which
+        is what lets Redis accept writes (and arq start jobs) again."""
+        try:
+            await super()._poll_iteration()
+        except Exception as exc:
+            unavailable = classify(exc)
+            if unavailable is None or unavailable.code != "redis_full":
+                raise
+            now = time.monotonic()
+            if now - self._full_logged_at >= 30:
+                self._full_logged_at = now
+                log.warning("Redis is at maxmemory (%s): draining without arq jobs", exc)
+            await drain(self.ctx, scheduling=False)
 
 
 def worker_settings(settings: Settings | None = None) -> dict[str, Any]:

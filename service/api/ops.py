@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, field_validator
+from redis.exceptions import RedisError
 
 from service.api.auth import ADMIN, METRICS, PUBLIC, READ, ScopedRoute, requires
 from service.api.deps import StateDep
@@ -15,14 +16,20 @@ from service.api.errors import ERROR_RESPONSES, json_response
 from service.api.http import COLLECTION_RE, MAX_KEY_BYTES
 from service.api.state import AppState
 from service.core import stats
-from service.core.errors import REDIS_DOWN
+from service.core.errors import classify
 from service.redaction import redacted_settings
 
 router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES, route_class=ScopedRoute)
 
 
 async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str, Any]:
-    await state.flush_counters()
+    try:
+        await state.flush_counters()
+    except Exception as exc:
+        # Stats are reads: a Redis that refuses writes (at maxmemory, a replica) still
+        # answers them; this process' hit counts wait for the next flush.
+        if classify(exc) is None:
+            raise
     return await stats.collect(state.redis, state.keys, raw_counters)
 
 
@@ -33,27 +40,62 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
+# What /readyz says of a Redis that answers but cannot take writes, by error code.
+_REDIS_STATES = {
+    "redis_full": "full",
+    "redis_readonly": "readonly",
+    "redis_loading": "loading",
+    "redis_busy": "busy",
+}
+
+
+def _redis_state(exc: BaseException) -> str | None:
+    """ "full: ...", "readonly: ...", "down: ..." for a Redis failure; None for a bug."""
+    unavailable = classify(exc)
+    if unavailable is None or unavailable.dependency != "redis":
+        return None
+    word = _REDIS_STATES.get(unavailable.code)
+    if word is None:
+        return f"down: {type(exc).__name__}: {exc}"
+    return f"{word}: {unavailable.detail}"
+
+
 @router.get(
     "/readyz",
     dependencies=[requires(PUBLIC)],
-    summary="Readiness: 200 while Redis answers (writes are accepted)",
+    summary="Readiness: 200 while Redis accepts writes",
 )
 async def readyz(state: StateDep) -> Response:
     body: dict[str, Any] = {"postgres": state.postgres_status}
+    refused: str | None = None
     try:
-        await asyncio.wait_for(state.redis.ping(), timeout=1.0)
-        s = await asyncio.wait_for(stats.collect(state.redis, state.keys), timeout=1.0)
-    except (TimeoutError, *REDIS_DOWN) as exc:
-        body.update(status="unavailable", redis=f"down: {type(exc).__name__}: {exc}")
+        async with asyncio.timeout(1.0):
+            await state.redis.ping()
+            try:
+                # At maxmemory, or as a replica, Redis answers reads but refuses writes:
+                # only a write tells (a tiny one, gone in seconds).
+                await state.redis.set(state.keys.ready_probe, b"1", px=10_000)
+            except RedisError as exc:
+                refused = _redis_state(exc)
+                if refused is None:
+                    raise
+            s = await stats.collect(state.redis, state.keys)
+    except Exception as exc:
+        down = _redis_state(exc)
+        if down is None:
+            raise
+        body.update(status="unavailable", redis=down)
         return json_response(body, 503, {"Retry-After": "1"})
     body.update(
-        status="ready",
-        redis="up",
+        status="unavailable" if refused else "ready",
+        redis=refused or "up",
         workers=f"{s['workers']} alive" if s["workers"] else "none alive",
         pending=s["pending"],
     )
     if state.redis_config_warnings:
         body["warnings"] = state.redis_config_warnings
+    if refused:
+        return json_response(body, 503, {"Retry-After": "1"})
     return json_response(body)
 
 

@@ -24,7 +24,6 @@ from service.core import histograms, repository
 from service.core.errors import classify, is_poison, sqlstate
 from service.core.redis_keys import Keys, split_member
 from service.core.scripts import Scripts
-from service.core.stats import redis_now_ms
 
 log = logging.getLogger("wbcache.flush")
 
@@ -205,12 +204,16 @@ class Flusher:
         )
         self.held.discard(batch.id)
 
-    async def renew_leases(self) -> None:
-        """Keep the leases of batches this process holds (a slow Postgres is not a death)."""
-        if not self.held:
+    async def renew_leases(self, worker_id: str = "") -> None:
+        """Keep the leases of batches this process holds (a slow Postgres is not a death)
+        and, given a worker id, its heartbeat: one script on Redis' clock, which Redis runs
+        even at maxmemory (a worker draining a full Redis must not lose its batches)."""
+        if not self.held and not worker_id:
             return
-        until = await redis_now_ms(self.redis) + self._lease_ms
-        await self.redis.zadd(self.keys.leases, dict.fromkeys(self.held, until), xx=True)
+        await self.scripts.heartbeat(
+            keys=[self.keys.workers, self.keys.leases],
+            args=[worker_id, self._lease_ms, *self.held],
+        )
 
     @property
     def _lease_ms(self) -> int:

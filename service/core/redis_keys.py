@@ -100,6 +100,11 @@ class Keys:
         return f"{self.prefix}flushlog"
 
     @property
+    def ready_probe(self) -> str:
+        """Written (with a short TTL) by /readyz to learn whether Redis accepts writes."""
+        return f"{self.prefix}readyz"
+
+    @property
     def last_error(self) -> str:
         return f"{self.prefix}lasterror"
 

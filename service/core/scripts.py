@@ -25,6 +25,7 @@ class Scripts:
     release: AsyncScript
     invalidate: AsyncScript
     dead_letters: AsyncScript
+    heartbeat: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
@@ -35,4 +36,5 @@ class Scripts:
             release=redis.register_script(_source("release")),
             invalidate=redis.register_script(_source("invalidate")),
             dead_letters=redis.register_script(_source("deadletters")),
+            heartbeat=redis.register_script(_source("heartbeat")),
         )

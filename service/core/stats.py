@@ -16,18 +16,26 @@ WORKER_ALIVE_MS = 15_000
 PER_COLLECTION_LIMIT = 100_000
 
 
+# The three reads at once, as a read-only script rather than MULTI/EXEC: Redis refuses
+# every command queued in a transaction at maxmemory, even reads, but runs a no-writes
+# script (/v1/stats must answer while Redis is full).
+_PENDING_COUNTS = """#!lua flags=no-writes
+return {redis.call('HGETALL', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('HLEN', KEYS[3])}
+"""
+
+
 async def pending_by_collection(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Pending keys per collection (dirty + in flight), from the counts the scripts keep
     (``Keys.pending_counts``): O(collections), whatever the queue's size. ``exact`` is
-    True when they add up to ``pending``, read in the same transaction; otherwise (a
+    True when they add up to ``pending``, read at the same moment; otherwise (a
     queue older than the counts, until it drains) the members are counted instead, exactly
     up to PER_COLLECTION_LIMIT keys."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(keys.pending_counts)
-        pipe.zcard(keys.dirty)
-        pipe.hlen(keys.inflight)
-        raw, dirty_total, inflight_total = await pipe.execute()
-    counts = {c.decode(): int(n) for c, n in raw.items() if int(n) > 0}
+    script = redis.register_script(_PENDING_COUNTS)
+    flat, dirty_total, inflight_total = await script(
+        keys=[keys.pending_counts, keys.dirty, keys.inflight]
+    )
+    pairs = zip(flat[::2], flat[1::2], strict=True)
+    counts = {c.decode(): int(n) for c, n in pairs if int(n) > 0}
     if sum(counts.values()) == dirty_total + inflight_total:
         return {"counts": dict(sorted(counts.items())), "exact": True}
     return await _count_members(redis, keys)

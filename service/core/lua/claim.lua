@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: draining must work at maxmemory (see release.lua; claim adds little).
 -- Claim a batch of dirty keys for flushing, under a lease; first hand back batches whose
 -- lease ran out (their worker died), so another worker takes them over.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 pending counts

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: at maxmemory this frees memory (clean entries get a TTL: evictable).
 -- After the batch's transaction committed (or after giving up on it): clear dirty marks
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
