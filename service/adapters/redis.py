@@ -18,6 +18,10 @@ pool and connection cost ~160 µs of CPU per call, this one ~90 µs. Where it go
   ``max_connections`` are in use, which the API would answer as 503 under a burst of more
   concurrent requests than connections. This pool queues the caller instead, for at most
   ``wait_timeout`` seconds.
+* What the probe was for, a pooled connection the server closed (a Redis restart, its idle
+  ``timeout``), is read for free at checkout: the event loop has already fed the EOF to
+  the connection's reader. Such a connection, and one whose health-check PING fails, is
+  replaced before the command is sent, so a restart costs no request a 503.
 """
 
 from __future__ import annotations
@@ -87,6 +91,15 @@ class LeanConnection(Connection):
             raise
 
 
+def _closed_by_peer(connection: AbstractConnection) -> bool:
+    """Has the event loop seen the server close this connection (EOF or a reset fed to
+    its reader, or the transport closing)? No I/O: what the loop already learnt."""
+    reader, writer = connection._reader, connection._writer
+    if reader is None or writer is None:
+        return True
+    return reader.at_eof() or reader.exception() is not None or writer.is_closing()
+
+
 class LeanConnectionPool(ConnectionPool):
     """See the module docstring. Unix-socket and TLS URLs keep redis-py's connection
     classes; only the pool's behaviour changes for them."""
@@ -110,14 +123,35 @@ class LeanConnectionPool(ConnectionPool):
         if self._exhausted():
             await self._wait_for_release()
         connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
-        if connection.is_connected:
-            return connection
         try:
-            await connection.connect()  # type: ignore[no-untyped-call]
+            await self.ensure_connection(connection)
         except BaseException:
             await self.release(connection)
             raise
         return connection
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        """Make a checked-out connection ready to send, without redis-py's unread-data
+        probe. A connection the server closed while it sat in the pool (a Redis restart,
+        its idle ``timeout``) is replaced before anything is sent on it, and so is one
+        whose health-check PING fails: in both cases the command was provably not sent,
+        so a fresh connection takes it instead of the request failing once per pooled
+        connection. A command that was sent is never retried here (a write script may
+        have run)."""
+        if connection.is_connected and _closed_by_peer(connection):
+            await connection.disconnect(nowait=True)
+        if not connection.is_connected:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            return
+        if (
+            connection.health_check_interval
+            and asyncio.get_running_loop().time() > connection.next_health_check
+        ):
+            try:
+                await connection.check_health()  # type: ignore[no-untyped-call]
+            except (RedisConnectionError, RedisTimeoutError):
+                await connection.disconnect(nowait=True)
+                await connection.connect()  # type: ignore[no-untyped-call]
 
     async def _wait_for_release(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,6 +18,8 @@ import httpx
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from service.adapters.redis import create_redis
+from service.api.app import create_app
 from service.config import Settings
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, wait_until
@@ -217,3 +219,125 @@ async def test_readonly_replica_and_busy_script_answer_503_never_500(
             assert ready.status_code == 503, ready.text
             assert ready.json()["redis"].startswith("readonly: "), ready.text
             assert (await api.get("/v1/stats")).status_code == 200
+
+
+async def test_no_spurious_503_after_a_redis_restart(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Connections pooled before a Redis restart are closed by the old server; once the new
+    one answers, none of them may fail a request (the command was never sent on them: a
+    fresh connection takes it)."""
+    collection = f"rs-{uuid.uuid4().hex[:6]}"
+    async with throwaway_redis(tmp_path / "redis", aof=True) as server:
+        app = create_app(settings_factory(redis_url=server.url, redis_max_connections=48))
+        async with app.router.lifespan_context(app):
+            pool = app.state.wb.redis.connection_pool
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://wbcache") as api:
+
+                async def put(i: int) -> httpx.Response:
+                    return await api.put(f"/v1/{collection}/k{i}", json={"i": i})
+
+                # Warm the pool: concurrent requests open every connection it may hold.
+                for r in await asyncio.gather(*(put(i) for i in range(200))):
+                    assert r.status_code == 201, r.text
+                assert len(pool._available_connections) >= 32
+
+                await asyncio.to_thread(server.restart)  # same port, data from the AOF
+                probe = Redis(port=server.port)
+                assert await probe.ping()
+                await probe.aclose()
+
+                patch_headers = {"content-type": "application/merge-patch+json"}
+                answers = await asyncio.gather(
+                    *(
+                        api.patch(
+                            f"/v1/{collection}/k{i}", content=b'{"p":1}', headers=patch_headers
+                        )
+                        for i in range(100)
+                    ),
+                    *(put(i) for i in range(100, 200)),
+                    *(api.get(f"/v1/{collection}/k{i}") for i in range(200)),
+                )
+                failed = [
+                    (r.request.method, r.status_code, r.text)
+                    for r in answers
+                    if r.status_code >= 300
+                ]
+                assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:5]}"
+
+
+class _FreezingProxy:
+    """A TCP proxy to Redis that can stop forwarding on the connections it holds without
+    closing them: to the client, a peer that vanished without a FIN (a dead host, a NAT
+    that forgot the flow). New connections are forwarded normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.pipes: list[asyncio.Task[None]] = []
+        self.sockets: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _FreezingProxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.freeze()
+        for w in self.sockets:
+            w.close()
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.sockets += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            self.pipes.append(asyncio.create_task(self._pipe(src, dst)))
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+
+    def freeze(self) -> None:
+        for task in self.pipes:
+            task.cancel()
+        self.pipes.clear()
+
+
+async def test_a_failed_health_check_reconnects_instead_of_failing_the_command(
+    settings_factory: Callable[..., Settings], servers: Any, prefix: str
+) -> None:
+    """A pooled connection whose peer went silent (no FIN): the health-check PING before
+    the command times out, so the command was not sent; it goes out on a new connection."""
+    target = httpx.URL(servers.redis_url)
+    assert target.host and target.port
+    async with _FreezingProxy(target.host, target.port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}{target.path}"
+        client = create_redis(
+            "test", settings_factory(redis_url=url), health_check_interval=0.2, socket_timeout=0.5
+        )
+        try:
+            await asyncio.gather(*(client.set(f"{prefix}k{i}", i) for i in range(8)))
+            pool = client.connection_pool
+            held = len(pool._available_connections)
+            assert held >= 4
+            proxy.freeze()
+            loop = asyncio.get_running_loop()
+            await wait_until(
+                lambda: all(loop.time() > c.next_health_check for c in pool._available_connections),
+                timeout=5,
+            )
+            values = await asyncio.gather(*(client.get(f"{prefix}k{i}") for i in range(held)))
+            assert values == [str(i).encode() for i in range(held)]
+        finally:
+            await client.delete(*(f"{prefix}k{i}" for i in range(8)))
+            await client.aclose(close_connection_pool=True)
