@@ -15,11 +15,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
 from service.adapters.redis import create_redis
 from service.api.app import create_app
+from service.api.errors import response_for
 from service.config import Settings
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, wait_until
@@ -341,3 +343,34 @@ async def test_a_failed_health_check_reconnects_instead_of_failing_the_command(
         finally:
             await client.delete(*(f"{prefix}k{i}" for i in range(8)))
             await client.aclose(close_connection_pool=True)
+
+
+async def test_a_busy_pool_waits_for_a_connection_then_fails_clearly(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """All connections busy: a command waits for one (no "Too many connections"), and past
+    the pool's timeout fails with a ConnectionError that says why (the API's 503)."""
+    client = create_redis("test", settings_factory(redis_max_connections=1), timeout=0.5)
+    pool = client.connection_pool
+    try:
+        held = await pool.get_connection()
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.1)  # the scenario: the holder finishes a little later
+            await pool.release(held)
+
+        releasing = asyncio.ensure_future(release_soon())
+        assert await client.ping()
+        await releasing
+
+        held = await pool.get_connection()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(sync_redis.ConnectionError, match="stayed busy") as caught:
+            await client.ping()
+        assert loop.time() - started >= 0.5
+        response = response_for(caught.value)
+        assert response is not None and response.status_code == 503
+        await pool.release(held)
+    finally:
+        await client.aclose(close_connection_pool=True)
