@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from service.adapters.arq import schedule_flush
 from service.adapters.postgres import PgPool
@@ -378,10 +378,18 @@ class RecordStore:
             if doc is not None
             else self.settings.negative_ttl_seconds
         )
-        installed = await self.scripts.fill(
-            keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
-            args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
-        )
+        try:
+            installed = await self.scripts.fill(
+                keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
+                args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
+            )
+        except ResponseError as exc:
+            # Redis at maxmemory refuses the fill, a cache optimisation: the row is still
+            # the answer (no entry means no pending write), unless a write landed meanwhile.
+            refused = classify(exc)
+            if refused is None or refused.code != "redis_full":
+                raise
+            installed = False
         if not installed:
             # Something newer reached the cache meanwhile (a write, a delete): use it.
             v, d, t = await self.redis.hmget(  # type: ignore[misc]

@@ -110,6 +110,19 @@ async def test_redis_at_maxmemory_answers_503_and_the_worker_drains_it(
             assert stats.json()["pending"] == len(acked)
             metrics = await api.get("/metrics")
             assert metrics.status_code == 200, metrics.text
+            # A key only Postgres holds (no entry: no pending write) is read from Postgres;
+            # the cache fill Redis refuses is skipped, not answered 503.
+            await pg.execute(
+                "INSERT INTO records (collection, key, value, version, updated_at) "
+                "VALUES ($1, 'in-pg', '{\"from\": \"pg\"}', 7, now())",
+                collection,
+            )
+            acked["in-pg"] = 7
+            got = await api.get(f"/v1/{collection}/in-pg")
+            assert got.status_code == 200, got.text
+            assert got.headers["x-cache"] == "miss" and _version(got) == 7
+            assert got.json() == {"from": "pg"}
+            assert (await api.get(f"/v1/{collection}/absent")).status_code == 404
             assert (await api.get("/healthz")).status_code == 200
             ready = await api.get("/readyz")
             assert ready.status_code == 503, ready.text
