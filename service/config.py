@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # Connections
     pg_pool_min: int = 1
     pg_pool_max: int = 8
-    redis_max_connections: int = 64
+    redis_max_connections: int = 128
     pg_timeout_seconds: float = 5.0
     # 0 behind pgbouncer in transaction pooling mode (no prepared statements across
     # transactions); asyncpg's default otherwise.
