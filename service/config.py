@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     # Per-collection overrides, as JSON in the environment: {"orders": "through"}
     collection_write_mode: dict[str, WriteMode] = Field(default_factory=dict)
 
+    # Acknowledged means replicated: a write is answered 2xx only once this many Redis
+    # replicas hold it (WAIT, in the write's own round trip); if fewer confirm within
+    # REDIS_REPLICA_TIMEOUT_MS, 503 replicas_unconfirmed (the primary has the write). 0: the
+    # primary's word suffices, and the write path sends nothing more.
+    redis_min_replicas: int = Field(default=0, ge=0)
+    # At most 4,000: WAIT must answer within the Redis client's 5 s read timeout.
+    redis_replica_timeout_ms: int = Field(default=1000, ge=1, le=4000)
+
     # Read path
     clean_ttl_seconds: int = 3600
     negative_ttl_seconds: int = 60

@@ -27,7 +27,7 @@ from service.api.records import check_write, overflow_through, persist_through, 
 from service.api.state import AppState
 from service.core import documents
 from service.core.documents import DocumentError
-from service.core.errors import classify
+from service.core.errors import ReplicasUnconfirmed, classify
 from service.core.records import Op, Preconditions, Record, WriteCall, WriteResult
 
 router = APIRouter(
@@ -288,5 +288,8 @@ def _failure(exc: Exception) -> dict[str, Any]:
         return _error(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
     unavailable = classify(exc)
     if unavailable is not None:
-        return _error(503, unavailable.code, unavailable_message(unavailable))
+        failure = _error(503, unavailable.code, unavailable_message(unavailable))
+        if isinstance(unavailable, ReplicasUnconfirmed):
+            failure["version"] = unavailable.version  # what the primary holds
+        return failure
     raise exc

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from service.core.documents import DocumentError
-from service.core.errors import Unavailable, classify
+from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
 
 log = logging.getLogger("wbcache.api")
 
@@ -94,6 +94,8 @@ DOCUMENT_STATUS = {"malformed_json": 400, "too_large": 413, "invalid_document": 
 
 
 def unavailable_message(exc: Unavailable) -> str:
+    if isinstance(exc, ReplicasUnconfirmed):  # not "cannot serve": says what the write did
+        return exc.detail
     return f"{exc.dependency.capitalize()} cannot serve this now ({exc.detail}); retry later."
 
 
@@ -118,12 +120,10 @@ def response_for(exc: Exception) -> Response | None:
         return error_response(DOCUMENT_STATUS.get(exc.code, 422), exc.code, exc.message)
     unavailable = classify(exc)
     if unavailable is not None:
-        return error_response(
-            503,
-            unavailable.code,
-            unavailable_message(unavailable),
-            {"Retry-After": str(unavailable.retry_after)},
-        )
+        headers = {"Retry-After": str(unavailable.retry_after)}
+        if isinstance(unavailable, ReplicasUnconfirmed):
+            headers["ETag"] = f'"{unavailable.version}"'  # the write the primary holds
+        return error_response(503, unavailable.code, unavailable_message(unavailable), headers)
     return None
 
 

@@ -25,6 +25,27 @@ class Unavailable(Exception):
         self.retry_after = retry_after
 
 
+class ReplicasUnconfirmed(Unavailable):
+    """A write the Redis primary applied, at ``version``, that fewer than REDIS_MIN_REPLICAS
+    replicas confirmed within REDIS_REPLICA_TIMEOUT_MS. Not a failure: it may or may not
+    survive a failover, so the answer says "unknown", names the version, and ``detail`` is
+    the whole message clients read."""
+
+    def __init__(self, version: int, confirmed: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(
+            "redis",
+            f'The write was accepted by the Redis primary (version {version}, ETag "{version}") '
+            f"and queued for Postgres, but only {confirmed} of {wanted} required replicas "
+            f"confirmed it within {timeout_ms} ms: it may or may not survive a Redis failover. "
+            "Retrying it with the same If-Match is safe (a 412 naming this ETag means the "
+            "write is in place).",
+            "replicas_unconfirmed",
+        )
+        self.version = version
+        self.confirmed = confirmed
+        self.wanted = wanted
+
+
 REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, ConnectionError)
 
 # SQLSTATE classes that will not heal by retrying: bad data (22), constraints (23).

@@ -18,7 +18,7 @@ from service.adapters.arq import schedule_flush
 from service.adapters.postgres import PgPool
 from service.config import Settings
 from service.core import documents, repository
-from service.core.errors import Unavailable, classify
+from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
 from service.core.redis_keys import Keys, member
 from service.core.scripts import Scripts
 
@@ -131,6 +131,15 @@ def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
 _READ_FIELDS = ["v", "d", "t", "x"]
 
 
+def _replicas(ack: Any) -> int:
+    """WAIT's reply: how many replicas hold the connection's writes (its error reply, which
+    a pipeline returns in place, counts as none)."""
+    if isinstance(ack, int):
+        return ack
+    log.warning("WAIT for Redis replicas failed: %s", ack)
+    return 0
+
+
 def _cached_record(v: bytes, d: bytes | None, t: bytes | None, x: bytes | None) -> Record:
     return Record(int(v), None if t == b"1" else d, hit=True, dead_lettered=x == b"1")
 
@@ -151,6 +160,9 @@ class RecordStore:
         self.scripts = scripts
         self._loads: dict[str, asyncio.Future[Record]] = {}
         self._on_hit = on_hit
+        # REDIS_MIN_REPLICAS: each write is followed by a WAIT in its round trip. At 0 the
+        # write path is one EVALSHA, exactly as without the feature.
+        self._replicas = settings.redis_min_replicas
 
     # -- Postgres -------------------------------------------------------------------------
 
@@ -200,9 +212,37 @@ class RecordStore:
         return keys, args
 
     async def _call_write(self, command: tuple[list[str], list[Any]]) -> list[Any]:
+        """The write script's reply; with REDIS_MIN_REPLICAS, followed by WAIT's count of
+        the replicas that hold the write (both in one round trip)."""
+        if self._replicas:
+            return await self._call_write_waited(command)
         keys, args = command
         result: list[Any] = await self.scripts.write(keys=keys, args=args)
         return result
+
+    async def _call_write_waited(self, command: tuple[list[str], list[Any]]) -> list[Any]:
+        """EVALSHA then WAIT, one pipeline. NOSCRIPT (Redis restarted): load the script and
+        send both again; WAIT after a script that did not run waits for nothing new."""
+        for _ in range(2):
+            reply, ack = await self._pipelined_scripts(self.scripts.write, [command])
+            if not isinstance(reply, NoScriptError):
+                break
+            await self.redis.script_load(self.scripts.write.script)
+        if isinstance(reply, Exception):
+            raise reply
+        return [*reply, ack]
+
+    def _confirm(self, result: WriteResult, ack: Any) -> WriteOutcome:
+        """``result``, unless it wrote (OK) and fewer than REDIS_MIN_REPLICAS replicas
+        confirmed it: then ReplicasUnconfirmed (the primary has the write)."""
+        if result.status is not Status.OK:
+            return result  # it wrote nothing: nothing to replicate
+        confirmed = _replicas(ack)
+        if confirmed >= self._replicas:
+            return result
+        return ReplicasUnconfirmed(
+            result.version, confirmed, self._replicas, self.settings.redis_replica_timeout_ms
+        )
 
     async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteOutcome]:
         """Writes to distinct keys in one round trip: the write script for each, in one
@@ -217,6 +257,7 @@ class RecordStore:
             return []
         commands = [self._write_command(c) for c in calls]
         raws = await self._pipelined_scripts(self.scripts.write, commands)
+        ack = raws.pop() if self._replicas else None  # one WAIT after all the scripts
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = False
@@ -230,6 +271,8 @@ class RecordStore:
             else:
                 outcomes[i], schedule = reply
                 wake = wake or schedule
+                if self._replicas:
+                    outcomes[i] = self._confirm(reply[0], ack)
         if wake:
             await self._wake()
         if single:
@@ -245,17 +288,23 @@ class RecordStore:
     ) -> list[Any]:
         """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
         first (redis-py sends one for Script objects in pipelines). Error replies (NOSCRIPT
-        after a Redis restart, OOM, ...) come back in place, per command."""
+        after a Redis restart, OOM, ...) come back in place, per command. With
+        REDIS_MIN_REPLICAS a WAIT follows the scripts; its reply comes last."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in commands:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if self._replicas:
+                pipe.wait(self._replicas, self.settings.redis_replica_timeout_ms)
             raws: list[Any] = await pipe.execute(raise_on_error=False)
         return raws
 
     async def write(self, call: WriteCall) -> WriteResult:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
-        (and existence, for preconditions) and the script runs again."""
-        reply = _write_outcome(await self._call_write(self._write_command(call)))
+        (and existence, for preconditions) and the script runs again. With
+        REDIS_MIN_REPLICAS, raises ReplicasUnconfirmed for a write the primary applied but
+        too few replicas confirmed in time (it is queued all the same)."""
+        raw = await self._call_write(self._write_command(call))
+        reply = _write_outcome(raw)
         if reply is None:
             try:
                 stored = await self._fetch(call.collection, call.key)
@@ -267,12 +316,17 @@ class RecordStore:
                     raise
                 stored = repository.StoredRow(None, 0)
             call = replace(call, stored=stored)
-            reply = _write_outcome(await self._call_write(self._write_command(call)))
+            raw = await self._call_write(self._write_command(call))
+            reply = _write_outcome(raw)
             if reply is None:  # the script answers MISS only when not given the row
                 raise AssertionError("the write script answered MISS with the row given")
         result, schedule = reply
         if schedule:
             await self._wake()
+        if self._replicas:
+            confirmed = self._confirm(result, raw[-1])
+            if isinstance(confirmed, Exception):
+                raise confirmed
         return result
 
     async def _wake(self) -> None:
