@@ -25,10 +25,14 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
+from service.adapters.postgres import PgPool
+from service.adapters.redis import create_redis
 from service.config import Settings
-from service.core.redis_keys import Keys
+from service.core.flusher import Flusher
+from service.core.redis_keys import Keys, member
+from service.core.scripts import Scripts
 from service.dev.embedded import RedisServer
-from tests.conftest import running_api, wait_until
+from tests.conftest import running_api, wait_drained, wait_until
 
 
 @dataclass
@@ -320,3 +324,143 @@ async def test_without_min_replicas_a_write_sends_no_wait(
             stats: dict[str, Any] = await pair.p.info("commandstats")
         assert stats["cmdstat_evalsha"]["calls"] == 20, stats
         assert stats.get("cmdstat_wait", {"calls": 0})["calls"] == waits, stats
+
+
+# -- a failover that loses flush state ------------------------------------------------
+
+
+@pytest.fixture
+async def flushers(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
+) -> AsyncIterator[tuple[Flusher, Flusher]]:
+    """Two flushers (two workers) on the test's prefix of the shared Redis."""
+    made: list[tuple[Any, PgPool]] = []
+    out = []
+    for name in ("a", "b"):
+        settings = settings_factory(lease_seconds=0.3)
+        client = create_redis(f"test-flusher-{name}", settings)
+        pool = PgPool(f"test-flusher-{name}", settings)
+        made.append((client, pool))
+        out.append(Flusher(client, pool, settings, Scripts.register(client)))
+    yield out[0], out[1]
+    for client, pool in made:
+        await pool.close()
+        await client.aclose(close_connection_pool=True)
+
+
+async def _snapshot(redis: Any, names: list[str]) -> dict[str, bytes | None]:
+    return {name: await redis.dump(name) for name in names}
+
+
+async def _restore(redis: Any, snapshot: dict[str, bytes | None], extra: list[str]) -> None:
+    """Put ``snapshot``'s keys back as they were (a lagging replica promoted), and drop
+    ``extra`` keys it never had."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for name, blob in snapshot.items():
+            pipe.delete(name)
+            if blob is not None:
+                pipe.restore(name, 0, blob)
+        for name in extra:
+            pipe.delete(name)
+        await pipe.execute()
+
+
+async def _rows(pg: asyncpg.Connection, c: str) -> dict[str, tuple[Any, int]]:
+    found = await pg.fetch(
+        "SELECT key, value::text AS value, version FROM records WHERE collection = $1", c
+    )
+    return {r["key"]: (json.loads(r["value"]), int(r["version"])) for r in found}
+
+
+QUEUE_KEYS = ("dirty", "inflight", "leases", "batch_age", "pending_counts")
+
+
+async def test_a_failover_that_lost_a_claim_keeps_the_newest_versions(
+    api: httpx.AsyncClient,
+    redis: Any,
+    settings: Settings,
+    flushers: tuple[Flusher, Flusher],
+    pg: asyncpg.Connection,
+    c: str,
+) -> None:
+    """Flusher A claims a batch; the primary dies and a replica that never saw the claim
+    takes over (the keys are dirty again, A's batch and lease unknown). Newer writes land,
+    flusher B claims and flushes them, then A commits and releases its old batch late:
+    Postgres keeps the newest versions, a deleted key stays deleted, nothing stays pending."""
+    a, b = flushers
+    k = Keys(settings.redis_prefix)
+    v1: dict[str, int] = {}
+    for key in ("put", "del", "same", "putdel"):
+        r = await api.put(f"/v1/{c}/{key}", json={"v": 1, "k": key})
+        v1[key] = _etag(r)
+    members = [member(c, key) for key in v1]
+    queue = [getattr(k, name) for name in QUEUE_KEYS]
+    before = await _snapshot(redis, queue)
+
+    old = await a.claim(members)
+    assert old is not None and len(old.items) == 4
+    await _restore(redis, before, [k.batch_prefix + old.id])  # the failover
+
+    latest: dict[str, int] = {}
+    r = await api.put(f"/v1/{c}/put", json={"v": 2})
+    latest["put"] = _etag(r)
+    assert (await api.delete(f"/v1/{c}/del")).status_code == 204
+    assert (await api.put(f"/v1/{c}/putdel", json={"v": 2})).status_code == 200
+    assert (await api.delete(f"/v1/{c}/putdel")).status_code == 204
+
+    new = await b.claim(members)
+    assert new is not None and len(new.items) == 4
+    assert await b.flush_batch(new)
+    assert await _rows(pg, c) == {
+        "put": ({"v": 2}, latest["put"]),
+        "same": ({"v": 1, "k": "same"}, v1["same"]),
+    }
+
+    assert await a.flush_batch(old)  # late: its versions are older than what is committed
+    assert await _rows(pg, c) == {
+        "put": ({"v": 2}, latest["put"]),
+        "same": ({"v": 1, "k": "same"}, v1["same"]),
+    }
+    stats = await wait_drained(api, timeout=5)
+    assert stats["dead_letters"] == 0
+    assert (await api.get(f"/v1/{c}/del")).status_code == 404
+    assert (await api.get(f"/v1/{c}/put")).json() == {"v": 2}
+
+
+async def test_a_failover_that_lost_a_release_flushes_again_harmlessly(
+    api: httpx.AsyncClient,
+    redis: Any,
+    settings: Settings,
+    flushers: tuple[Flusher, Flusher],
+    pg: asyncpg.Connection,
+    c: str,
+) -> None:
+    """Flusher A commits and releases a batch; the replica that takes over saw the claim
+    but not the release (the keys are in A's batch, under A's lease, entries not marked
+    persisted). The lease runs out, B takes the batch over with a newer write among it and
+    flushes again: the same versions rewrite nothing older, the newer one wins."""
+    a, b = flushers
+    k = Keys(settings.redis_prefix)
+    v1: dict[str, int] = {}
+    for key in ("put", "del", "same"):
+        v1[key] = _etag(await api.put(f"/v1/{c}/{key}", json={"v": 1}))
+    assert (await api.delete(f"/v1/{c}/del")).status_code == 204
+    members = [member(c, key) for key in v1]
+    entries = [k.entry(c, key) for key in v1]
+
+    batch = await a.claim(members)
+    assert batch is not None
+    state = [*(getattr(k, name) for name in QUEUE_KEYS), k.batch_prefix + batch.id, *entries]
+    claimed = await _snapshot(redis, state)
+    assert await a.flush_batch(batch)
+    await _restore(redis, claimed, [])  # the failover: the release is lost
+
+    newer = _etag(await api.put(f"/v1/{c}/put", json={"v": 3}))
+    # A's lease (0.3 s) runs out on the new primary's clock; B takes the batch over.
+    taken = await wait_until(lambda: b.claim(), timeout=10)
+    assert {i.member for i in taken.items} == set(members)
+    assert await b.flush_batch(taken)
+    assert await _rows(pg, c) == {"put": ({"v": 3}, newer), "same": ({"v": 1}, v1["same"])}
+    stats = await wait_drained(api, timeout=5)
+    assert stats["dead_letters"] == 0
+    assert (await api.get(f"/v1/{c}/del")).status_code == 404
