@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = build_state(settings, metrics=app.state.metrics)
         app.state.wb = state
         try:
-            state.redis_config_warnings = await check_redis_durability(state.redis)
+            state.redis_config_warnings = await check_redis_durability(
+                state.redis, settings.redis_min_replicas
+            )
         except REDIS_DOWN as exc:
             log.error("Redis is not answering at start (%s); record requests answer 503", exc)
 

@@ -137,6 +137,8 @@ async def test_every_kind_of_write_is_on_the_replica_when_acknowledged(
         redis_url=pair.primary.url, redis_min_replicas=1, redis_replica_timeout_ms=3000
     )
     async with running_api(settings) as api:
+        warnings = (await api.get("/readyz")).json().get("warnings", [])
+        assert not any("REDIS_MIN_REPLICAS" in w for w in warnings), warnings
         for i in range(10):
             r = await api.put(f"/v1/{c}/k{i}", json={"i": i})
             assert r.status_code == 201, r.text
@@ -237,6 +239,9 @@ async def test_more_replicas_required_than_there_are_answers_503(
         redis_url=pair.primary.url, redis_min_replicas=2, redis_replica_timeout_ms=300
     )
     async with running_api(settings) as api:
+        # Said at start, and on /readyz: every write will answer 503.
+        warnings = (await api.get("/readyz")).json().get("warnings", [])
+        assert any("REDIS_MIN_REPLICAS is 2" in w and "1 connected" in w for w in warnings)
         r = await api.put(f"/v1/{c}/k", json={"a": 1})
         version = _assert_unconfirmed(r)
         assert "1 of 2" in r.json()["error"]["message"]
