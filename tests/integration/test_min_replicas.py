@@ -244,7 +244,7 @@ async def test_more_replicas_required_than_there_are_answers_503(
         assert any("REDIS_MIN_REPLICAS is 2" in w and "1 connected" in w for w in warnings)
         r = await api.put(f"/v1/{c}/k", json={"a": 1})
         version = _assert_unconfirmed(r)
-        assert "1 of 2" in r.json()["error"]["message"]
+        assert "of 2 required replicas" in r.json()["error"]["message"]
         assert await _entry(pair.p, settings, c, "k") == (version, False)
         # The one replica has it all the same.
         await wait_until(lambda: _has(pair.r, settings, c, "k", version), timeout=5)
