@@ -66,7 +66,9 @@ async def _target(group: ProcessGroup, name: str, replicas: int, workers: int) -
 
 
 async def run(a: argparse.Namespace, base: Path) -> dict[str, Any]:
-    primary = RedisServer(base / "primary", appendonly=True)
+    primary = RedisServer(
+        base / "primary", appendonly=True, extra_args=["--repl-diskless-sync-delay", "0"]
+    )
     await asyncio.to_thread(primary.start)
     replica = RedisServer(
         base / "replica", appendonly=True, extra_args=["--replicaof", HOST, str(primary.port)]

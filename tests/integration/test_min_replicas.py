@@ -43,15 +43,21 @@ class Pair:
     r: Redis
 
 
-async def _online(primary: Redis) -> bool:
-    info: dict[str, Any] = await primary.info("replication")
-    slave = info.get("slave0")
-    return isinstance(slave, dict) and slave.get("state") == "online"
+async def _confirms(primary: Redis) -> bool:
+    """Does the replica acknowledge a write now (it is synced and answering)?"""
+    async with primary.pipeline(transaction=False) as pipe:
+        pipe.set("replication-probe", "1")
+        pipe.wait(1, 100)
+        replicas: int = (await pipe.execute())[1]
+    return replicas >= 1
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    primary = RedisServer(tmp_path / "primary", appendonly=False)
+    # No 5 s wait for more replicas before the first full sync (Redis' default).
+    primary = RedisServer(
+        tmp_path / "primary", appendonly=False, extra_args=["--repl-diskless-sync-delay", "0"]
+    )
     replica = RedisServer(
         tmp_path / "replica",
         appendonly=False,
@@ -62,7 +68,8 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     r = Redis.from_url(replica.url)
     try:
         await asyncio.to_thread(replica.start)
-        await wait_until(lambda: _online(p), timeout=15)
+        await wait_until(lambda: _confirms(p), timeout=15)
+        await p.delete("replication-probe")
         yield Pair(primary, replica, p, r)
     finally:
         await p.aclose()
@@ -260,7 +267,7 @@ async def test_a_batch_round_the_replica_does_not_confirm_answers_503_per_write(
     """Every write of the round gets the 503 as its own result, with the version the
     primary gave it; reads and writes that wrote nothing (412) keep their answers."""
     settings = settings_factory(
-        redis_url=pair.primary.url, redis_min_replicas=1, redis_replica_timeout_ms=300
+        redis_url=pair.primary.url, redis_min_replicas=1, redis_replica_timeout_ms=1000
     )
     async with running_api(settings) as api:
         for key in ("a", "b", "g", "p", "q"):
@@ -297,7 +304,7 @@ async def test_write_through_waits_for_the_replica_and_postgres(
     pair: Pair, settings_factory: Callable[..., Settings], pg: asyncpg.Connection, c: str
 ) -> None:
     settings = settings_factory(
-        redis_url=pair.primary.url, redis_min_replicas=1, redis_replica_timeout_ms=300
+        redis_url=pair.primary.url, redis_min_replicas=1, redis_replica_timeout_ms=1000
     )
     through = {"Write-Mode": "through"}
     async with running_api(settings) as api:
