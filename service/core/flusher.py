@@ -170,14 +170,26 @@ class Flusher:
     ) -> None:
         k = self.keys
         now = now_ms()
+        # The entries of the committed, then the dead-lettered members, in ARGV's order.
+        keys = [
+            k.dirty,
+            k.inflight,
+            k.leases,
+            k.batch_age,
+            k.dead,
+            k.counters,
+            k.flush_log,
+            k.pending_counts,
+            k.batch(batch.id),
+        ]
         args: list[str | int | bytes] = [
             batch.id,
-            k.prefix,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
             len(committed),
         ]
         for item in committed:
+            keys.append(k.member_entry(item.member))
             args += [item.member, item.version]
         for d in dead:
             info = {
@@ -188,20 +200,9 @@ class Flusher:
                 "error": d.error,
                 "failed_at": now / 1000,
             }
+            keys.append(k.member_entry(d.item.member))
             args += [d.item.member, d.item.version, orjson.dumps(info)]
-        await self.scripts.release(
-            keys=[
-                k.dirty,
-                k.inflight,
-                k.leases,
-                k.batch_age,
-                k.dead,
-                k.counters,
-                k.flush_log,
-                k.pending_counts,
-            ],
-            args=args,
-        )
+        await self.scripts.release(keys=keys, args=args)
         self.held.discard(batch.id)
 
     async def renew_leases(self, worker_id: str = "") -> None:
