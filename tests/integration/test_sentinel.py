@@ -4,6 +4,8 @@
 * the URL's parsing;
 * one client, the API and the CLI through the Sentinels, and the lean pool's behaviour
   kept (client name, a connection per checkout, no Sentinel round trip per command);
+* a switchover (SENTINEL FAILOVER) under writes: the old primary, demoted under the
+  API's pooled connections, costs a 503 at most, never a 500;
 * a SIGKILLed primary: the same client, API and worker processes follow the failover
   without a restart; while no primary is known, writes answer 503 with Retry-After, never
   500; after a drain every acknowledged write the new primary holds is in Postgres at its
@@ -246,6 +248,63 @@ async def test_api_follows_a_failover_with_503s_meanwhile(
     print(f"\n{len(refused)} writes refused for {recovered:.1f}s, codes {codes}")
     assert refused, "no write was refused: the kill was not exercised"
     assert codes <= {"redis_unavailable", "redis_readonly"}, codes
+
+
+async def test_api_follows_a_switchover_while_the_old_primary_stays_up(
+    own_topology: SentinelTopology,
+    settings_factory: Callable[..., Settings],
+    pg: asyncpg.Connection,
+) -> None:
+    """SENTINEL FAILOVER: the old primary is demoted while the API holds pooled
+    connections to it (the case of a primary that comes back after a partition). Writes
+    under way meanwhile answer 503 at worst, never 500, and then go to the new primary."""
+    topology = own_topology
+    settings = settings_factory(redis_url=topology.url)
+    c = f"s{uuid.uuid4().hex[:10]}"
+    statuses: list[int] = []
+    async with running_api(settings) as api:
+
+        async def writer(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                r = await api.put(f"/v1/{c}/k{i}", json=n)
+                statuses.append(r.status_code)
+                if r.status_code == 503:
+                    assert r.headers.get("retry-after", "").isdigit(), r.headers
+                else:
+                    assert r.status_code in (200, 201), r.text
+                n += 1
+                await asyncio.sleep(0.01)
+
+        stop = asyncio.Event()
+        writers = [asyncio.create_task(writer(i)) for i in range(8)]
+        await wait_until(lambda: len(statuses) >= 40, timeout=10)
+        old = await asyncio.to_thread(lambda: topology.primary)
+        sentinel = topology.sentinels[0].port
+        await asyncio.to_thread(topology._ask, sentinel, "SENTINEL", "FAILOVER", "wbcache")
+        new = await asyncio.to_thread(topology.wait_failover, old.port)
+        await wait_until(lambda: old.running and _role_of(old.port) == "slave", timeout=30)
+        before = len(statuses)
+        await wait_until(lambda: len(statuses) >= before + 40, timeout=20)
+        stop.set()
+        await asyncio.gather(*writers)
+        after = statuses[before:]
+        assert after and all(s in (200, 201) for s in after[-8:]), after
+        r = await api.get(f"/v1/{c}/k0")
+        assert r.status_code == 200
+    refused = statuses.count(503)
+    print(f"\nswitchover {old.port} -> {new.port}: {len(statuses)} writes, {refused} refused")
+    assert 500 not in statuses
+
+
+def _role_of(port: int) -> str:
+    import redis as sync_redis
+
+    client = sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        return str(cast(dict[str, Any], client.info("replication"))["role"])
+    finally:
+        client.close()
 
 
 def _cut_off(primary_port: int, replica_port: int) -> None:
