@@ -162,6 +162,13 @@ async def test_client_api_worker_and_cli_through_sentinel(
         assert me["name"].startswith("wbcache-test-"), me
         primary = await asyncio.to_thread(lambda: topology.primary)
         assert int(me["laddr"].rsplit(":", 1)[1]) == primary.port, me
+        # A new connection asks the Sentinels; a checkout of a pooled one does not.
+        await asyncio.gather(*(redis.ping() for _ in range(32)))
+        asked = await asyncio.to_thread(_sentinel_commands, topology)
+        for _ in range(20):
+            await asyncio.gather(*(redis.ping() for _ in range(32)))
+        asked_again = await asyncio.to_thread(_sentinel_commands, topology)
+        assert asked_again - asked <= len(topology.sentinels), (asked, asked_again)
 
         c = f"s{uuid.uuid4().hex[:10]}"
         async with running_api(settings) as api:
@@ -203,6 +210,14 @@ async def test_client_api_worker_and_cli_through_sentinel(
     finally:
         await _cleanup(redis, settings.redis_prefix)
         await redis.aclose(close_connection_pool=True)
+
+
+def _sentinel_commands(topology: SentinelTopology) -> int:
+    """Commands the Sentinels processed so far (this call adds one INFO per Sentinel)."""
+    return sum(
+        int(topology._ask(s.port, "INFO", "stats")["total_commands_processed"])
+        for s in topology.sentinels
+    )
 
 
 async def _pending(api: httpx.AsyncClient, n: int) -> bool:
