@@ -95,11 +95,11 @@ def test_bad_sentinel_urls_say_what_is_wrong(url: str, says: str) -> None:
 
 
 @contextlib.contextmanager
-def _topology(prefix: str) -> Iterator[SentinelTopology]:
+def _topology(prefix: str, **options: Any) -> Iterator[SentinelTopology]:
     """A primary, a replica, three Sentinels (failover in a few seconds), in a temporary
     directory outside pytest's tmp_path (see tests.support.servers.data_dir)."""
     with data_dir(prefix) as base:
-        topology = SentinelTopology(base)
+        topology = SentinelTopology(base, **options)
         topology.start()
         try:
             yield topology
@@ -322,23 +322,38 @@ def _role_of(port: int) -> str:
         client.close()
 
 
-def _cut_off(primary_port: int, replica_port: int) -> None:
-    """Drop the replica's link and keep it down: the replica's next handshake sends a
-    password the primary refuses (it has none), so it stays behind until promoted."""
+def _cut_off(primary_port: int, replica_ports: list[int]) -> None:
+    """Drop the replicas' links and keep them down: a replica's next handshake sends a
+    password the primary refuses (it has none), so it stays behind (``_reconnect``)."""
     import redis as sync_redis
 
-    replica = sync_redis.Redis(host="127.0.0.1", port=replica_port, socket_timeout=5)
     primary = sync_redis.Redis(host="127.0.0.1", port=primary_port, socket_timeout=5)
+    replicas = [sync_redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in replica_ports]
     try:
-        replica.config_set("masterauth", "not-the-password")
+        for replica in replicas:
+            replica.config_set("masterauth", "not-the-password")
         primary.client_kill_filter(_type="slave")
         deadline = time.monotonic() + 10
-        while cast(dict[str, Any], replica.info("replication"))["master_link_status"] != "down":
-            assert time.monotonic() < deadline, "the replica's link did not go down"
-            time.sleep(0.01)
+        for replica in replicas:
+            while cast(dict[str, Any], replica.info("replication"))["master_link_status"] != "down":
+                assert time.monotonic() < deadline, "a replica's link did not go down"
+                time.sleep(0.01)
     finally:
-        replica.close()
         primary.close()
+        for replica in replicas:
+            replica.close()
+
+
+def _reconnect(replica_ports: list[int]) -> None:
+    """Undo ``_cut_off``: the replicas may authenticate to (the new) primary again."""
+    import redis as sync_redis
+
+    for port in replica_ports:
+        client = sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            client.config_set("masterauth", "")
+        finally:
+            client.close()
 
 
 def _entry_versions(
@@ -367,7 +382,6 @@ def _entry_versions(
 @pytest.mark.parametrize("link", ["in-sync", "replica-cut-off"])
 @pytest.mark.parametrize("min_replicas", MIN_REPLICAS)
 async def test_primary_sigkill_under_load(
-    own_topology: SentinelTopology,
     procs: Procs,
     servers: Servers,
     pg: asyncpg.Connection,
@@ -379,8 +393,23 @@ async def test_primary_sigkill_under_load(
     replication lag, on loopback ~nothing). "replica-cut-off": the replica's link drops
     (a network blip: the primary closes it, and the replica cannot re-authenticate) and the
     primary keeps acknowledging writes until it dies a few hundred writes later: the loss
-    window of asynchronous replication, made visible."""
-    topology = own_topology
+    window of asynchronous replication, made visible.
+
+    With REDIS_MIN_REPLICAS=n the topology has n + 1 replicas, so that n remain to
+    acknowledge writes after one is promoted."""
+    with _topology("wbcache-sentinel-kill-", replicas=min_replicas + 1) as topology:
+        await _primary_sigkill_under_load(topology, procs, servers, pg, prefix, min_replicas, link)
+
+
+async def _primary_sigkill_under_load(
+    topology: SentinelTopology,
+    procs: Procs,
+    servers: Servers,
+    pg: asyncpg.Connection,
+    prefix: str,
+    min_replicas: int,
+    link: str,
+) -> None:
     env = {"redis_url": topology.url}
     if min_replicas:
         env["REDIS_MIN_REPLICAS"] = str(min_replicas)
@@ -401,9 +430,9 @@ async def test_primary_sigkill_under_load(
     try:
         await load.wait_acked(1000)
         old = await asyncio.to_thread(lambda: topology.primary)
-        replica = next(n for n in topology.nodes if n is not old)
+        replicas = [n.port for n in topology.nodes if n is not old]
         if link == "replica-cut-off":
-            await asyncio.to_thread(_cut_off, old.port, replica.port)
+            await asyncio.to_thread(_cut_off, old.port, replicas)
             acked, unknown = load.acked, load.unknown
             # Writes go on while no replica listens (or, with REDIS_MIN_REPLICAS, fail).
             await wait_until(
@@ -411,9 +440,12 @@ async def test_primary_sigkill_under_load(
             )
         await asyncio.to_thread(old.kill)
         killed_at = time.monotonic()
-        held = await asyncio.to_thread(
-            _entry_versions, replica.port, prefix, load.collection, load.keys
-        )
+        held_by = {
+            port: await asyncio.to_thread(_entry_versions, port, prefix, load.collection, load.keys)
+            for port in replicas
+        }
+        if link == "replica-cut-off":
+            await asyncio.to_thread(_reconnect, replicas)
         failover = asyncio.create_task(asyncio.to_thread(topology.wait_failover, old.port))
         async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
             while not failover.done() or not probes or probes[-1][1] not in (200, 201):
@@ -422,6 +454,7 @@ async def test_primary_sigkill_under_load(
                 assert time.monotonic() - killed_at < 40, "no write accepted 40 s after the kill"
                 await asyncio.sleep(0.05)
         new = await failover
+        held = held_by[new.port]
         failed_over_at = time.monotonic()
         acked_at_failover = load.acked
         await load.wait_acked(acked_at_failover + 1000, timeout=40)
