@@ -31,9 +31,11 @@ class SentinelServer(RedisServer):
         quorum: int = 2,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        auth_pass: str | None = None,
         binary: Path | None = None,
     ) -> None:
         super().__init__(data_dir, port, appendonly=False, binary=binary)
+        self.auth_pass = auth_pass
         self.primary_port = primary_port
         self.master_name = master_name
         self.quorum = quorum
@@ -59,6 +61,7 @@ class SentinelServer(RedisServer):
                 f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {name} 1\n"
+                + (f"sentinel auth-pass {name} {self.auth_pass}\n" if self.auth_pass else "")
             )
         return [
             str(self.binary),
@@ -82,11 +85,15 @@ class SentinelTopology:
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
         db: int = 0,
+        password: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
+        """``password``: the data nodes require it (``requirepass``, and ``masterauth``
+        between them); the Sentinels know it (``auth-pass``) and ``url`` carries it."""
         self.base_dir = Path(base_dir)
         self.master_name = master_name
         self.db = db
+        self.password = password
         self.nodes: list[RedisServer] = [
             RedisServer(self.base_dir / "redis-0", extra_args=extra_args)
         ]
@@ -107,6 +114,7 @@ class SentinelTopology:
                 quorum=quorum,
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
+                auth_pass=password,
             )
             for i in range(sentinels)
         ]
@@ -114,7 +122,8 @@ class SentinelTopology:
     @property
     def url(self) -> str:
         hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.master_name}/{self.db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.master_name}/{self.db}"
 
     def start(self, timeout: float = 30) -> None:
         """Start everything; return once the replicas are in sync and every Sentinel knows
@@ -123,6 +132,13 @@ class SentinelTopology:
         try:
             for node in self.nodes:
                 node.start()
+                if self.password:  # set after the start, which probes without a password
+                    client = redis.Redis(host=HOST, port=node.port, socket_timeout=2)
+                    try:
+                        client.config_set("masterauth", self.password)
+                        client.config_set("requirepass", self.password)
+                    finally:
+                        client.close()
             for s in self.sentinels:
                 s.start()
             self._wait(self._ready, deadline, "the Sentinel topology to be ready")
@@ -137,7 +153,15 @@ class SentinelTopology:
     # -- state --------------------------------------------------------------------------
 
     def _ask(self, port: int, *command: Any) -> Any:
-        client = redis.Redis(host=HOST, port=port, socket_timeout=2, decode_responses=True)
+        """``command``'s answer from the server on ``port`` (a data node or a Sentinel)."""
+        node = any(n.port == port for n in self.nodes)
+        client = redis.Redis(
+            host=HOST,
+            port=port,
+            password=self.password if node else None,
+            socket_timeout=2,
+            decode_responses=True,
+        )
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]
         finally:

@@ -220,6 +220,30 @@ def _sentinel_commands(topology: SentinelTopology) -> int:
     )
 
 
+async def test_password_in_the_url_authenticates_to_the_data_nodes(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection
+) -> None:
+    """``redis+sentinel://:password@...``: the API, arq and the worker authenticate to the
+    primary with it (the Sentinels take none); without it the primary refuses them."""
+    with _topology("wbcache-sentinel-auth-", password="s3cr3t-pw") as topology:
+        assert topology.url.startswith("redis+sentinel://:s3cr3t-pw@")
+        settings = settings_factory(redis_url=topology.url)
+        c = f"s{uuid.uuid4().hex[:10]}"
+        async with running_api(settings) as api:
+            assert (await api.put(f"/v1/{c}/k", json={"a": 1})).status_code == 201
+            async with running_worker(settings):
+                await wait_until(lambda: _pending(api, 0), timeout=20)
+        assert await pg.fetchval("SELECT count(*) FROM records WHERE collection = $1", c) == 1
+        anonymous = create_redis(
+            "test", settings_factory(redis_url=topology.url.replace(":s3cr3t-pw@", ""))
+        )
+        try:
+            with pytest.raises(Exception, match="(?i)auth|NOAUTH"):
+                await anonymous.ping()
+        finally:
+            await anonymous.aclose(close_connection_pool=True)
+
+
 async def _pending(api: httpx.AsyncClient, n: int) -> bool:
     return bool((await api.get("/v1/stats")).json()["pending"] == n)
 
