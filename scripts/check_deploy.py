@@ -12,6 +12,10 @@ queries.  Checked here, against this project:
 - compose: the start order (migrations before the API and workers), the grace periods exceed
   the drain bounds, Redis cannot evict pending writes and keeps an AOF, the URLs point at the
   compose services, workers can be scaled;
+- the Sentinel overlay (deploy/sentinel/docker-compose.sentinel.yml), merged with the
+  main file: all of the above, plus an odd number (3+) of Sentinels monitoring the redis
+  service under one master name with a majority quorum, replicas that may be promoted
+  (AOF, safe eviction, a volume), and REDIS_URL naming exactly those Sentinels and name;
 - the alerts we rely on exist, and alerts and the Grafana dashboard read only metrics the
   service exports (counters through rate()), and the dashboard shows every one.
 
@@ -475,10 +479,13 @@ def check_lock(root: Path, problems: Problems) -> None:
 
 
 def check_compose_doc(
-    doc: Mapping[str, Any], facts: DockerfileFacts | None, problems: Problems
+    doc: Mapping[str, Any],
+    facts: DockerfileFacts | None,
+    problems: Problems,
+    where: str = "docker-compose.yml",
 ) -> None:
-    """The project's rules for a loaded (interpolated) compose document."""
-    where = "docker-compose.yml"
+    """The project's rules for a loaded (interpolated) compose document (``where`` names
+    it in the problems: the main file, or the main file merged with an overlay)."""
     services: Mapping[str, Any] = doc.get("services") or {}
     for name in ("redis", "postgres", *APP_SERVICES):
         if name not in services:
@@ -587,7 +594,9 @@ def check_compose_doc(
     for name in APP_SERVICES:
         env = environment(services[name])
         redis_url = urlsplit(env.get("REDIS_URL", ""))
-        if redis_url.scheme not in ("redis", "rediss") or redis_url.hostname != "redis":
+        if sentinel_url_hosts(env.get("REDIS_URL", "")) is not None:
+            pass  # through Sentinels: check_sentinel_doc checks them
+        elif redis_url.scheme not in ("redis", "rediss") or redis_url.hostname != "redis":
             problems.add(svc_where(name), "REDIS_URL must point at the redis service")
         db = urlsplit(env.get("DATABASE_URL", ""))
         if not db.scheme.startswith("postgres") or db.hostname != "postgres":
@@ -659,6 +668,156 @@ def check_compose(root: Path, facts: DockerfileFacts | None, problems: Problems)
     if errors:
         return
     check_compose_doc(doc, facts, problems)
+
+
+# --------------------------------------------------------------------------- Sentinel
+
+SENTINEL_OVERLAY = "deploy/sentinel/docker-compose.sentinel.yml"
+_MONITOR = re.compile(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)")
+
+
+def merge_compose(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``docker compose -f base -f overlay``, as far as these checks need it: mappings merge
+    key by key (services, environment, depends_on, volumes), anything else the overlay
+    sets replaces the base's (``command``, ``healthcheck.test``)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_compose(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _command_text(service: Mapping[str, Any]) -> str:
+    command = service.get("command")
+    return " ".join(command) if isinstance(command, list) else str(command or "")
+
+
+def sentinel_url_hosts(url: str) -> tuple[list[tuple[str, int]], str] | None:
+    """The Sentinel hosts and master name of a ``redis+sentinel://`` URL, None otherwise."""
+    from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
+
+    if not is_sentinel_url(url):
+        return None
+    try:
+        parsed = parse_sentinel_url(url)
+    except ValueError:
+        return [], ""
+    return list(parsed.sentinels), parsed.master
+
+
+def check_sentinel_doc(doc: Mapping[str, Any], where: str, problems: Problems) -> None:
+    """The Sentinel topology of a merged compose document: an odd number (3+) of Sentinels
+    that monitor the `redis` service under one master name with a majority quorum, replicas
+    that could take over (AOF, safe eviction, a volume), and application services that
+    reach Redis through exactly those Sentinels under that name."""
+    services: Mapping[str, Any] = doc.get("services") or {}
+    volumes = doc.get("volumes") or {}
+    sentinels: dict[str, re.Match[str]] = {}
+    for name, svc in services.items():
+        text = _command_text(svc)
+        if "--sentinel" not in text:
+            continue
+        m = _MONITOR.search(text)
+        if m is None:
+            problems.add(f"{where} services.{name}", "a Sentinel without `sentinel monitor`")
+            continue
+        sentinels[name] = m
+    if len(sentinels) < 3 or len(sentinels) % 2 == 0:
+        problems.add(where, f"{len(sentinels)} Sentinels: run an odd number, 3 or more")
+    masters = {m.group(1) for m in sentinels.values()}
+    if len(masters) > 1:
+        problems.add(where, f"the Sentinels monitor different master names {sorted(masters)}")
+    for name, m in sentinels.items():
+        if (m.group(2), m.group(3)) != ("redis", "6379"):
+            problems.add(f"{where} services.{name}", "must monitor the redis service (redis 6379)")
+        if int(m.group(4)) <= len(sentinels) // 2:
+            problems.add(
+                f"{where} services.{name}",
+                f"quorum {m.group(4)} is no majority of {len(sentinels)} Sentinels",
+            )
+        if not (services[name].get("healthcheck") or {}).get("test"):
+            problems.add(f"{where} services.{name}", "no healthcheck")
+
+    replicas = [
+        n for n, s in services.items() if "--replicaof" in (as_argv(s.get("command")) or [])
+    ]
+    if not replicas:
+        problems.add(where, "no replica (a service running redis-server --replicaof redis 6379)")
+    for name in replicas:
+        argv = as_argv(services[name].get("command")) or []
+        flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+        if argv[argv.index("--replicaof") + 1 : argv.index("--replicaof") + 3] != ["redis", "6379"]:
+            problems.add(
+                f"{where} services.{name}", "must replicate the redis service (redis 6379)"
+            )
+        if flags.get("--appendonly") != "yes":
+            problems.add(f"{where} services.{name}", "a replica may be promoted: --appendonly yes")
+        if flags.get("--maxmemory-policy") not in SAFE_EVICTION:
+            problems.add(
+                f"{where} services.{name}",
+                f"a replica may be promoted: --maxmemory-policy one of {sorted(SAFE_EVICTION)}",
+            )
+        mounts = [str(v).split(":") for v in services[name].get("volumes") or []]
+        if not any(len(v) > 1 and v[1] == "/data" and v[0] in volumes for v in mounts):
+            problems.add(f"{where} services.{name}", "no named volume mounted at /data")
+
+    for name in APP_SERVICES:
+        if name not in services:
+            continue
+        found = sentinel_url_hosts(environment(services[name]).get("REDIS_URL", ""))
+        if found is None:
+            problems.add(f"{where} services.{name}", "REDIS_URL must be a redis+sentinel:// URL")
+            continue
+        hosts, master = found
+        if not hosts:
+            problems.add(f"{where} services.{name}", "REDIS_URL is not a valid sentinel URL")
+            continue
+        if {h for h, _ in hosts} != set(sentinels) or any(p != 26379 for _, p in hosts):
+            problems.add(
+                f"{where} services.{name}",
+                f"REDIS_URL names {sorted(h for h, _ in hosts)}, the Sentinels are "
+                f"{sorted(sentinels)} (port 26379)",
+            )
+        if masters and master not in masters:
+            problems.add(
+                f"{where} services.{name}",
+                f"REDIS_URL's master name {master!r} is not the monitored {sorted(masters)}",
+            )
+        if name != "migrate":
+            deps = services[name].get("depends_on") or {}
+            for s in sentinels:
+                if not isinstance(deps, Mapping) or (deps.get(s) or {}).get("condition") != (
+                    "service_healthy"
+                ):
+                    problems.add(f"{where} services.{name}", f"depends_on {s}: service_healthy")
+
+
+def check_sentinel_overlay(root: Path, problems: Problems) -> None:
+    where = SENTINEL_OVERLAY
+    path = root / where
+    if not path.exists():
+        problems.add(where, "missing")
+        return
+    try:
+        overlay, missing = load_compose(path)
+        base, _ = load_compose(root / "docker-compose.yml")
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        problems.add(where, f"cannot load: {exc}")
+        return
+    for name in sorted(missing):
+        problems.add(where, f"${{{name}}} has no default: `docker compose up` needs it set")
+    validator = jsonschema.Draft7Validator(compose_schema())
+    merged = merge_compose(base, overlay)
+    errors = [*validator.iter_errors(overlay), *validator.iter_errors(merged)]
+    for err in errors:
+        loc = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        problems.add(f"{where} {loc}", f"Compose Specification: {err.message}")
+    if errors:
+        return
+    check_compose_doc(merged, None, problems, where=f"{where} (merged)")
+    check_sentinel_doc(merged, where, problems)
 
 
 # --------------------------------------------------------------------------- PromQL
@@ -867,6 +1026,7 @@ def check_all(root: Path = ROOT, promtool: bool = True) -> tuple[Problems, list[
     facts = check_dockerfile(root, problems)
     check_lock(root, problems)
     check_compose(root, facts, problems)
+    check_sentinel_overlay(root, problems)
     queries = check_prometheus(root, problems) + check_dashboard(root, problems)
     if promtool:
         if run_promtool(root, queries, problems):
@@ -889,7 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"check_deploy: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    print("check_deploy: Dockerfile, requirements.lock, docker-compose.yml, deploy/ are OK")
+    print(
+        "check_deploy: Dockerfile, requirements.lock, docker-compose.yml (and its Sentinel "
+        "overlay), deploy/ are OK"
+    )
     return 0
 
 

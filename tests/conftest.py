@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,9 +26,20 @@ from tests.support.servers import TestServers, recreate_database, start_test_ser
 from worker.settings import worker_settings
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-topology",
+        choices=("standalone", "sentinel"),
+        default=os.environ.get("WBCACHE_TEST_REDIS_TOPOLOGY", "standalone"),
+        help="standalone (default): WBCACHE_TEST_REDIS_URL or a throwaway redis-server; "
+        "sentinel: a throwaway primary, replica and three Sentinels, REDIS_URL="
+        "redis+sentinel://... (e.g. for test_api_records.py, test_batch.py, test_cli.py)",
+    )
+
+
 @pytest.fixture(scope="session")
-def servers() -> Iterator[TestServers]:
-    s = start_test_servers()
+def servers(request: pytest.FixtureRequest) -> Iterator[TestServers]:
+    s = start_test_servers(request.config.getoption("--redis-topology"))
     asyncio.run(recreate_database(s.database_url))
     migrate(s.database_url)
     yield s

@@ -18,6 +18,7 @@ from service.adapters.arq import FLUSH_JOB, use_prefix
 from service.adapters.postgres import PgPool
 from service.adapters.redis import create_redis
 from service.adapters.redis_check import check_redis_durability
+from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
 from service.config import Settings, get_settings
 from service.core.errors import classify
 from service.core.flusher import Flusher
@@ -76,6 +77,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await flusher.redis.zrem(flusher.keys.workers, ctx["worker_id"])
     await ctx["pg"].close()
     await ctx["redis_client"].aclose(close_connection_pool=True)
+    # arq closes its own pool after this, but never the connections its Sentinel client
+    # opened to the Sentinels (redis+sentinel:// URLs): close those here.
+    arq_pool = getattr(ctx.get("redis"), "connection_pool", None)
+    for sentinel in getattr(getattr(arq_pool, "sentinel_manager", None), "sentinels", ()):
+        with contextlib.suppress(Exception):
+            await sentinel.aclose()
     log.info("worker %s stopped", ctx["worker_id"])
 
 
@@ -112,6 +119,24 @@ class FlushWorker(Worker):
             await drain(self.ctx, scheduling=False)
 
 
+def arq_redis_settings(url: str) -> RedisSettings:
+    """arq's own connection (its polling and job bookkeeping): through the Sentinels, to the
+    primary they name, for a ``redis+sentinel://`` URL (arq follows a failover itself; the
+    restart loop in worker/main.py covers the moments without a primary)."""
+    if not is_sentinel_url(url):
+        return RedisSettings.from_dsn(url)
+    parsed = parse_sentinel_url(url)
+    return RedisSettings(
+        host=list(parsed.sentinels),
+        sentinel=True,
+        sentinel_master=parsed.master,
+        database=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        conn_timeout=2,
+    )
+
+
 def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``."""
     settings = settings or get_settings()
@@ -132,7 +157,7 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings.redis_url),
         "queue_name": keys.arq_queue,
         "health_check_key": f"{keys.prefix}arq:health-check",
         "ctx": {"settings": settings},

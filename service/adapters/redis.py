@@ -28,6 +28,10 @@ the caller (redis-py's ``BlockingConnectionPool`` wait, first come first served)
 5 s, then raises a ``ConnectionError`` that says so (a 503). While nobody waits and a
 connection is free, a checkout skips that wait's lock and timer (12 -> 1.5 µs of CPU per
 command, interleaved A/B): the common case costs what it did before the subclass.
+
+A ``redis+sentinel://`` URL (service/adapters/redis_url.py) gets the same pool over redis-py's
+``SentinelConnectionPool``: each new connection asks the Sentinels for the primary; a
+checkout of a live pooled connection does not.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.adapters.arq import use_prefix
 from service.adapters.identity import client_name
+from service.adapters.redis_url import SentinelUrl, is_sentinel_url, parse_sentinel_url
 from service.config import Settings
 
 
@@ -185,8 +191,56 @@ class LeanConnectionPool(BlockingConnectionPool):
                 await connection.connect()  # type: ignore[no-untyped-call]
 
 
+class LeanSentinelConnection(SentinelManagedConnection, LeanConnection):
+    """A connection to whichever node the Sentinels name as the primary (asked at each
+    connect), with the lean writes and hiredis packing of ``LeanConnection``. redis-py's
+    ``SentinelManagedConnection`` turns a READONLY reply (a primary demoted under us) into
+    a ``ConnectionError`` and disconnects, so the next connect asks the Sentinels again."""
+
+
+class LeanSentinelPool(SentinelConnectionPool, LeanConnectionPool):
+    """``LeanConnectionPool``'s checkout over redis-py's ``SentinelConnectionPool``: new
+    connections go to the primary the Sentinels name (``MasterNotFoundError``, a
+    ``ConnectionError``, while they name none: a 503), and idle connections to a former
+    primary are dropped once a connect learns the new address. A checkout of a live pooled
+    connection costs what it costs in standalone mode (no Sentinel round trip)."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        kwargs.setdefault("connection_class", LeanSentinelConnection)
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            # Closing the client (``aclose``), not a change of primary (which disconnects
+            # only idle connections): close the connections to the Sentinels too.
+            manager: Sentinel = self.sentinel_manager
+            for sentinel in manager.sentinels:
+                await sentinel.aclose()
+
+
+def _sentinel_pool(url: SentinelUrl, options: dict[str, Any]) -> LeanSentinelPool:
+    # The Sentinels answer at once or not at all: a short read timeout moves on to the
+    # next one quickly.
+    sentinel_options = {
+        "socket_connect_timeout": options.get("socket_connect_timeout", 2.0),
+        "socket_timeout": 2.0,
+    }
+    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    return LeanSentinelPool(
+        url.master,
+        manager,
+        db=url.db,
+        username=url.username,
+        password=url.password,
+        **options,
+    )
+
+
 def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
-    """A Redis client that can also enqueue arq jobs (the flush wake-ups)."""
+    """A Redis client that can also enqueue arq jobs (the flush wake-ups): to the Redis of a
+    ``redis://`` / ``rediss://`` / ``unix://`` URL, or to the primary the Sentinels of a
+    ``redis+sentinel://`` URL name (following failovers)."""
     use_prefix(settings.redis_prefix)
     options: dict[str, Any] = {
         "client_name": client_name(process),
@@ -196,5 +250,9 @@ def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
         "health_check_interval": 15,
     }
     options.update(kwargs)
-    pool = LeanConnectionPool.from_url(settings.redis_url, **options)
+    pool: LeanConnectionPool
+    if is_sentinel_url(settings.redis_url):
+        pool = _sentinel_pool(parse_sentinel_url(settings.redis_url), options)
+    else:
+        pool = LeanConnectionPool.from_url(settings.redis_url, **options)
     return ArqRedis(pool, default_queue_name=f"{settings.redis_prefix}arq:queue")

@@ -76,8 +76,9 @@ class DeadLetters:
                     self.keys.dirty,
                     self.keys.inflight,
                     self.keys.pending_counts,
+                    *(self.keys.member_entry(m) for m in chunk),
                 ],
-                args=[action, self.keys.prefix, *chunk],
+                args=[action, *chunk],
             )
             done.extend(m.decode() for m in res)
         return done

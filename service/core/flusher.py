@@ -30,6 +30,11 @@ log = logging.getLogger("wbcache.flush")
 # An unexpected error (a bug, not a dependency failing) is retried this many times, with
 # backoff, before the batch is split to dead-letter the writes that trigger it.
 BUG_RETRIES = 3
+# Batches whose lease ran out that one claim takes over (the next claims take the rest).
+_TAKE_OVER_MAX = 16
+# How often one claim reads its candidates again when all of them had gone by the time it
+# claimed them (another worker took them between the two steps).
+_CLAIM_ROUNDS = 8
 
 
 class Outcome(enum.Enum):
@@ -129,19 +134,76 @@ class Flusher:
     # -- claiming and releasing ------------------------------------------------------------
 
     async def claim(self, members: Sequence[str] = ()) -> Batch | None:
+        """Claim a batch under a lease: the dirty keys that are due, oldest first, or
+        ``members`` (those that are dirty, due or not), after taking over batches whose
+        lease ran out. Every key a script touches is declared (Redis Cluster routes a script
+        by its KEYS), so a claim reads its candidates first (candidates.lua, read only), and
+        claim.lua then checks each again, atomically (still dirty? due?), and takes it."""
+        explicit = [m.encode() for m in dict.fromkeys(members)]
+        for _ in range(_CLAIM_ROUNDS):
+            expired, due = await self._candidates(due=not explicit)
+            if expired:
+                await self._take_over(expired)
+                if not explicit:
+                    continue  # their keys are dirty again, and may be due: read again
+            candidates = explicit or due
+            if not candidates:
+                return None
+            batch = await self._claim(candidates, explicit=bool(explicit))
+            if batch is not None or explicit:
+                return batch
+            # Every candidate had gone by the claim (another worker took it between the two
+            # steps, or its entry was gone and the claim dropped its mark): read again.
+        return None
+
+    async def _candidates(self, due: bool) -> tuple[list[bytes], list[bytes]]:
+        """(batch ids whose lease ran out, due dirty members oldest first), on Redis' clock."""
+        k = self.keys
+        expired, ready = await self.scripts.candidates(
+            keys=[k.dirty, k.leases],
+            args=[
+                self.settings.write_delay_ms if due else "",
+                self.settings.batch_size,
+                _TAKE_OVER_MAX,
+            ],
+        )
+        return expired, ready
+
+    async def _take_over(self, batch_ids: Sequence[bytes]) -> None:
+        k = self.keys
+        await self.scripts.take_over(
+            keys=[
+                k.dirty,
+                k.inflight,
+                k.leases,
+                k.batch_age,
+                k.pending_counts,
+                *(k.batch(b.decode()) for b in batch_ids),
+            ],
+            args=batch_ids,
+        )
+
+    async def _claim(self, candidates: Sequence[bytes], explicit: bool) -> Batch | None:
         batch_id = uuid.uuid4().hex
         k = self.keys
+        entry_prefix = k.entry_prefix.encode()
         call = asyncio.ensure_future(
             self.scripts.claim(
-                keys=[k.dirty, k.inflight, k.leases, k.batch_age, k.pending_counts],
+                keys=[
+                    k.dirty,
+                    k.inflight,
+                    k.leases,
+                    k.batch_age,
+                    k.pending_counts,
+                    k.batch(batch_id),
+                    *(entry_prefix + m for m in candidates),
+                ],
                 args=[
-                    self.settings.write_delay_ms,
-                    self.settings.batch_size,
+                    "" if explicit else self.settings.write_delay_ms,
                     32 * 1024 * 1024,
                     batch_id,
                     self._lease_ms,
-                    k.prefix,
-                    *members,
+                    *candidates,
                 ],
             )
         )
@@ -170,14 +232,26 @@ class Flusher:
     ) -> None:
         k = self.keys
         now = now_ms()
+        # The entries of the committed, then the dead-lettered members, in ARGV's order.
+        keys = [
+            k.dirty,
+            k.inflight,
+            k.leases,
+            k.batch_age,
+            k.dead,
+            k.counters,
+            k.flush_log,
+            k.pending_counts,
+            k.batch(batch.id),
+        ]
         args: list[str | int | bytes] = [
             batch.id,
-            k.prefix,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
             len(committed),
         ]
         for item in committed:
+            keys.append(k.member_entry(item.member))
             args += [item.member, item.version]
         for d in dead:
             info = {
@@ -188,20 +262,9 @@ class Flusher:
                 "error": d.error,
                 "failed_at": now / 1000,
             }
+            keys.append(k.member_entry(d.item.member))
             args += [d.item.member, d.item.version, orjson.dumps(info)]
-        await self.scripts.release(
-            keys=[
-                k.dirty,
-                k.inflight,
-                k.leases,
-                k.batch_age,
-                k.dead,
-                k.counters,
-                k.flush_log,
-                k.pending_counts,
-            ],
-            args=args,
-        )
+        await self.scripts.release(keys=keys, args=args)
         self.held.discard(batch.id)
 
     async def renew_leases(self, worker_id: str = "") -> None:

@@ -463,9 +463,10 @@ class RecordStore:
 
         async def run(members: list[str]) -> None:
             nonlocal dropped, skipped
-            res = await self.scripts.invalidate(
-                keys=[k.dirty, k.inflight, k.dead], args=[k.prefix, floor_ttl, *members]
-            )
+            names = [k.dirty, k.inflight, k.dead]
+            for m in members:
+                names += [k.member_entry(m), k.member_floor(m)]
+            res = await self.scripts.invalidate(keys=names, args=[floor_ttl, *members])
             dropped += int(res[0])
             skipped += int(res[1])
 

@@ -1,4 +1,6 @@
-"""Every Redis key the service owns, in one place (all under REDIS_PREFIX).
+"""Every Redis key the service owns, in one place (all under REDIS_PREFIX). Only Python
+names keys: every key a Lua script touches is passed in its KEYS (Redis Cluster routes a
+script by them), never built inside the script.
 
 A record is addressed by its *member* string ``collection:key``: collections never hold
 ``:``, so the first ``:`` splits it, and ``<prefix>e:<member>`` is its cache entry.
@@ -27,6 +29,10 @@ class Keys:
         p = highest version known committed. No TTL while dirty."""
         return f"{self.prefix}e:{collection}:{key}"
 
+    def member_entry(self, m: str) -> str:
+        """The entry of member ``m`` (``collection:key``), as ``entry`` names it."""
+        return f"{self.prefix}e:{m}"
+
     @property
     def entry_prefix(self) -> str:
         return f"{self.prefix}e:"
@@ -34,6 +40,10 @@ class Keys:
     def floor(self, collection: str, key: str) -> str:
         """Short-lived lower bound for cache fills after an invalidation."""
         return f"{self.prefix}f:{collection}:{key}"
+
+    def member_floor(self, m: str) -> str:
+        """The fill floor of member ``m``, as ``floor`` names it."""
+        return f"{self.prefix}f:{m}"
 
     @property
     def floor_prefix(self) -> str:
@@ -69,10 +79,9 @@ class Keys:
         """ZSET batch id -> oldest dirty time (ms) in the batch."""
         return f"{self.prefix}batchage"
 
-    @property
-    def batch_prefix(self) -> str:
-        """HASH <prefix>b:<id>: member -> dirty time (ms)."""
-        return f"{self.prefix}b:"
+    def batch(self, batch_id: str) -> str:
+        """HASH: member -> dirty time (ms), for each member batch ``batch_id`` holds."""
+        return f"{self.prefix}b:{batch_id}"
 
     @property
     def dead(self) -> str:

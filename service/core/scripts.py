@@ -1,7 +1,8 @@
 """The Lua scripts of the write-behind core, registered once per Redis client.
 
 redis-py's Script objects call EVALSHA and reload the script on NOSCRIPT (e.g. after a
-Redis restart), so each call costs one round trip.
+Redis restart), so each call costs one round trip. Every key a script touches is in its KEYS
+(tests/integration/test_script_keys.py checks it, statically and while they run).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def _source(name: str) -> str:
 class Scripts:
     write: AsyncScript
     fill: AsyncScript
+    candidates: AsyncScript
+    take_over: AsyncScript
     claim: AsyncScript
     release: AsyncScript
     invalidate: AsyncScript
@@ -32,6 +35,8 @@ class Scripts:
         return cls(
             write=redis.register_script(_source("write")),
             fill=redis.register_script(_source("fill")),
+            candidates=redis.register_script(_source("candidates")),
+            take_over=redis.register_script(_source("takeover")),
             claim=redis.register_script(_source("claim")),
             release=redis.register_script(_source("release")),
             invalidate=redis.register_script(_source("invalidate")),

@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 import jsonschema
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.check_deploy import (
@@ -28,21 +29,25 @@ from scripts.check_deploy import (
     GAUGES,
     HISTOGRAM_LABELS,
     HISTOGRAMS,
+    SENTINEL_OVERLAY,
     DockerfileFacts,
     Problems,
     check_all,
     check_compose_doc,
     check_dockerfile,
+    check_sentinel_doc,
     compose_schema,
     environment,
     healthcheck_argv,
     load_compose,
+    merge_compose,
     parse_duration,
 )
-from service.dev.embedded import free_port
+from service.dev.embedded import RedisServer, free_port
 from tests.conftest import wait_until
 from tests.support.procs import Proc
 from tests.support.servers import TestServers as Servers
+from tests.support.servers import data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -371,3 +376,157 @@ async def test_compose_interpolation_defaults_and_overrides() -> None:
     assert environment(services["postgres"])["POSTGRES_PASSWORD"] == "s3cret"
     assert "s3cret@postgres" in environment(services["api"])["DATABASE_URL"]
     assert services["api"]["ports"] == ["9000:8000"]
+
+
+# --------------------------------------------------------------------------- Sentinel
+
+
+def _sentinel_merged() -> dict[str, Any]:
+    overlay, missing = load_compose(ROOT / SENTINEL_OVERLAY)
+    assert missing == set()
+    base, _ = load_compose(COMPOSE)
+    return merge_compose(base, overlay)
+
+
+def _drop(service: str) -> Callable[[dict[str, Any]], None]:
+    return _set(f"services.{service}", None)
+
+
+def _redis_url(url: str) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        for name in ("migrate", "api", "worker"):
+            doc["services"][name]["environment"]["REDIS_URL"] = url
+
+    return apply
+
+
+def _replica_flag(flag: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        argv = doc["services"]["redis-replica"]["command"]
+        argv[argv.index(flag) + 1] = value
+
+    return apply
+
+
+def _sentinel_script(edit: Callable[[str], str]) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        command = doc["services"]["sentinel-2"]["command"]
+        command[-1] = edit(command[-1])
+
+    return apply
+
+
+SENTINEL_BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("two sentinels", _drop("sentinel-3"), "run an odd number"),
+    ("no replica", _drop("redis-replica"), "no replica"),
+    (
+        "another master name",
+        _redis_url("redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/x/0"),
+        "is not the monitored",
+    ),
+    (
+        "a sentinel missing from the URL",
+        _redis_url("redis+sentinel://sentinel-1:26379,sentinel-2:26379/wbcache/0"),
+        "REDIS_URL names",
+    ),
+    ("standalone URL", _redis_url("redis://redis:6379/0"), "must be a redis+sentinel:// URL"),
+    ("replica without AOF", _replica_flag("--appendonly", "no"), "--appendonly yes"),
+    ("replica may evict", _replica_flag("--maxmemory-policy", "allkeys-lru"), "maxmemory-policy"),
+    (
+        "quorum of one",
+        _sentinel_script(lambda s: s.replace("wbcache redis 6379 2", "wbcache redis 6379 1")),
+        "no majority",
+    ),
+    (
+        "monitors another node",
+        _sentinel_script(lambda s: s.replace("wbcache redis 6379", "wbcache redis-replica 6379")),
+        "must monitor the redis service",
+    ),
+    ("api before the sentinels", _set("services.api.depends_on.sentinel-1", None), "depends_on"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [(b[1], b[2]) for b in SENTINEL_BROKEN],
+    ids=[b[0] for b in SENTINEL_BROKEN],
+)
+async def test_checker_rejects_broken_sentinel_overlay(
+    change: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    doc = _sentinel_merged()
+    clean = Problems()
+    check_compose_doc(doc, None, clean, where="overlay")
+    check_sentinel_doc(doc, "overlay", clean)
+    assert clean == []
+    broken = copy.deepcopy(doc)
+    change(broken)
+    problems = Problems()
+    check_compose_doc(broken, None, problems, where="overlay")
+    check_sentinel_doc(broken, "overlay", problems)
+    assert any(expected in p for p in problems), problems
+
+
+def _sentinel_master(port: int, name: str) -> dict[str, str]:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
+    try:
+        state = client.execute_command("SENTINEL", "MASTER", name)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    return dict(zip(state[::2], state[1::2], strict=True))
+
+
+async def test_sentinel_overlay_commands_run(tmp_path: Path) -> None:
+    """The overlay's replica and Sentinel commands, run as written (compose host names and
+    paths pointed at loopback and a temporary directory): the replica syncs from a primary
+    and the Sentinel's generated config monitors it and finds the replica."""
+    services = _sentinel_merged()["services"]
+    with data_dir("wbcache-deploy-sentinel-") as base:
+        primary = RedisServer(base / "primary")
+        primary.start()
+        replica_argv = services["redis-replica"]["command"]
+        at = replica_argv.index("--replicaof")
+        replica = RedisServer(
+            base / "replica",
+            extra_args=[
+                *replica_argv[1:at],
+                "--replicaof",
+                "127.0.0.1",
+                str(primary.port),
+                "--replica-announce-ip",
+                "127.0.0.1",
+            ],
+        )
+        sentinel_dir = base / "sentinel"
+        sentinel_dir.mkdir()
+        port = free_port()
+        script = (
+            services["sentinel-1"]["command"][-1]
+            .replace("/data/", f"{sentinel_dir}/")
+            .replace("port 26379", f"port {port}")
+            .replace("wbcache redis 6379", f"wbcache 127.0.0.1 {primary.port}")
+            .replace("exec redis-server", f"exec {primary.binary}")
+        )
+        proc = Proc(
+            ["sh", "-c", script],
+            {**os.environ, "SENTINEL_ANNOUNCE": "127.0.0.1"},
+            tmp_path / "sentinel.log",
+        )
+        try:
+            replica.start()
+            proc.start()
+
+            async def knows_the_replica() -> bool:
+                try:
+                    state = await asyncio.to_thread(_sentinel_master, port, "wbcache")
+                except redis.RedisError:  # not up yet
+                    return False
+                return state.get("num-slaves") == "1" and state.get("port") == str(primary.port)
+
+            await wait_until(knows_the_replica, timeout=30, interval=0.2)
+            conf = (sentinel_dir / "sentinel.conf").read_text()
+            assert "down-after-milliseconds wbcache 5000" in conf, conf
+        finally:
+            proc.stop()
+            replica.stop()
+            primary.stop()

@@ -471,7 +471,7 @@ async def test_a_failover_that_lost_a_claim_keeps_the_newest_versions(
 
     old = await a.claim(members)
     assert old is not None and len(old.items) == 4
-    await _restore(redis, before, [k.batch_prefix + old.id])  # the failover
+    await _restore(redis, before, [k.batch(old.id)])  # the failover
 
     latest: dict[str, int] = {}
     r = await api.put(f"/v1/{c}/put", json={"v": 2})
@@ -522,7 +522,7 @@ async def test_a_failover_that_lost_a_release_flushes_again_harmlessly(
 
     batch = await a.claim(members)
     assert batch is not None
-    state = [*(getattr(k, name) for name in QUEUE_KEYS), k.batch_prefix + batch.id, *entries]
+    state = [*(getattr(k, name) for name in QUEUE_KEYS), k.batch(batch.id), *entries]
     claimed = await _snapshot(redis, state)
     assert await a.flush_batch(batch)
     await _restore(redis, claimed, [])  # the failover: the release is lost

@@ -17,6 +17,7 @@ import asyncpg
 import redis
 
 from service.dev.embedded import PostgresServer, RedisServer
+from service.dev.sentinel import SentinelTopology
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_test"
@@ -26,7 +27,7 @@ DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_test"
 class TestServers:
     redis_url: str
     database_url: str
-    owned: list[RedisServer | PostgresServer]
+    owned: list[RedisServer | PostgresServer | SentinelTopology]
 
     def close(self) -> None:
         for server in self.owned:
@@ -84,12 +85,20 @@ async def recreate_database(url: str) -> None:
         await conn.close()
 
 
-def start_test_servers() -> TestServers:
+def start_test_servers(redis_topology: str = "standalone") -> TestServers:
+    """``redis_topology`` "sentinel": a throwaway primary, replica and three Sentinels
+    (service/dev/sentinel.py), reached through ``redis+sentinel://``, whatever
+    WBCACHE_TEST_REDIS_URL says."""
     redis_url = os.environ.get("WBCACHE_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
     database_url = os.environ.get("WBCACHE_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
-    owned: list[RedisServer | PostgresServer] = []
+    owned: list[RedisServer | PostgresServer | SentinelTopology] = []
     base = Path(tempfile.mkdtemp(prefix="wbcache-test-servers-"))
-    if not _redis_answers(redis_url):
+    if redis_topology == "sentinel":
+        topology = SentinelTopology(base / "sentinel")
+        topology.start()
+        owned.append(topology)
+        redis_url = topology.url
+    elif not _redis_answers(redis_url):
         r = RedisServer(base / "redis", appendonly=True)
         r.start()
         owned.append(r)

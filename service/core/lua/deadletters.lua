@@ -1,6 +1,7 @@
 -- Operator decisions on dead letters, atomically per key.
--- KEYS: 1 dead letters, 2 dirty, 3 inflight, 4 pending counts
--- ARGV: 1 action (retry|drop), 2 prefix, 3.. members
+-- KEYS: 1 dead letters, 2 dirty, 3 inflight, 4 pending counts,
+--       5.. the members' entries, in ARGV's order (ARGV[i]'s entry is KEYS[i + 3])
+-- ARGV: 1 action (retry|drop), 2.. members
 -- retry: the write goes back to the dirty set (flushed again with its current version).
 -- drop: the write is discarded and the cached entry evicted, so reads show Postgres.
 -- Returns the members acted upon.
@@ -8,10 +9,10 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local done = {}
-for i = 3, #ARGV do
+for i = 2, #ARGV do
   local m = ARGV[i]
   if redis.call('HDEL', KEYS[1], m) == 1 then
-    local e = ARGV[2] .. 'e:' .. m
+    local e = KEYS[i + 3]
     if ARGV[1] == 'retry' then
       redis.call('HDEL', e, 'x')
       if redis.call('EXISTS', e) == 1 and redis.call('HEXISTS', KEYS[3], m) == 0 then

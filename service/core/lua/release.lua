@@ -4,15 +4,15 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
---       8 pending counts
--- ARGV: 1 batch id, 2 prefix, 3 clean TTL ms, 4 tombstone TTL ms,
---       5 number of committed pairs n, then n x (member, version),
+--       8 pending counts, 9 the batch's hash, then the entries of the committed members,
+--       then those of the dead-lettered ones, in ARGV's order
+-- ARGV: 1 batch id, 2 clean TTL ms, 3 tombstone TTL ms,
+--       4 number of committed pairs n, then n x (member, version),
 --       then triples (member, version, dead-letter JSON)
 -- Times (the flush log, requeued dirty marks) come from Redis' TIME, as in claim.lua.
 local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local batch, prefix = ARGV[1], ARGV[2]
-local bk = prefix .. 'b:' .. batch
-local n = tonumber(ARGV[5])
+local batch, bk = ARGV[1], KEYS[9]
+local n = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -36,7 +36,7 @@ local owners = {}
 if n > 0 then
   local members = {}
   for j = 1, n do
-    members[j] = ARGV[4 + 2 * j]
+    members[j] = ARGV[3 + 2 * j]
   end
   owners = redis.call('HMGET', inflight, unpack(members))
 end
@@ -44,13 +44,13 @@ end
 local committed = 0
 local handled = {}
 local released = {}
-local i = 6
+local i = 5
 for j = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
+  local e = KEYS[9 + j]
   i = i + 2
   handled[m] = true
   committed = committed + 1
-  local e = prefix .. 'e:' .. m
   local mine = owners[j] == batch
   if mine then
     table.insert(released, m)
@@ -66,9 +66,9 @@ for j = 1, n do
         count(m, -redis.call('ZREM', dirty, m))
       end
       if cur[3] == '1' then
-        redis.call('PEXPIRE', e, ARGV[4])
-      else
         redis.call('PEXPIRE', e, ARGV[3])
+      else
+        redis.call('PEXPIRE', e, ARGV[2])
       end
     end
   elseif cur[1] then
@@ -83,21 +83,24 @@ for j = 1, n do
 end
 
 local dead_count = 0
+local entry = 9 + n
 while i + 2 <= #ARGV do
   local m, v, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   i = i + 3
+  entry = entry + 1
+  local e = KEYS[entry]
   handled[m] = true
   local mine = owned(m)
   local score = redis.call('HGET', bk, m)
   if mine then
     redis.call('HDEL', inflight, m)
     count(m, -1)
-    local cur = redis.call('HGET', prefix .. 'e:' .. m, 'v')
+    local cur = redis.call('HGET', e, 'v')
     if cur == v then
       -- Count the attempts across operator retries (a new write resets the count).
-      local attempts = redis.call('HINCRBY', prefix .. 'e:' .. m, 'a', 1)
+      local attempts = redis.call('HINCRBY', e, 'a', 1)
       redis.call('HSET', dead, m, string.sub(info, 1, -2) .. ',"attempts":' .. attempts .. '}')
-      redis.call('HSET', prefix .. 'e:' .. m, 'x', '1')
+      redis.call('HSET', e, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
       count(m, redis.call('ZADD', dirty, 'NX', score or now, m))
