@@ -55,7 +55,6 @@ class Settings(BaseSettings):
     tombstone_retention_days: int = 7
 
     # Connections
-    pg_pool_min: int = 1
     pg_pool_max: int = 8
     redis_max_connections: int = 128
     pg_timeout_seconds: float = 5.0
