@@ -10,6 +10,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from service.config import Settings, get_settings
 
@@ -25,7 +26,13 @@ def _settings(redis_url: str | None = None, database_url: str | None = None) -> 
     if database_url:
         os.environ["DATABASE_URL"] = database_url
     get_settings.cache_clear()
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]).upper()
+            typer.echo(f"wbcache: {where}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -5,8 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 
 WriteMode = Literal["behind", "through"]
 
@@ -87,6 +91,20 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis_url(cls, url: str) -> str:
+        """A malformed REDIS_URL is refused at start with what to fix, not at the first
+        connection with a traceback."""
+        scheme = url.partition("://")[0].lower()
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"REDIS_URL must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+            )
+        if is_sentinel_url(url):
+            parse_sentinel_url(url)
+        return url
 
 
 @lru_cache

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from arq.worker import Worker
 
 from service.config import Settings
@@ -241,3 +242,15 @@ async def test_drain_against_a_worker_process(
     assert r.code == 0, r
     assert await pg.fetchval("SELECT count(*) FROM records WHERE collection = 'cli'") == 50
     await wait_drained(api)
+
+
+@pytest.mark.parametrize("command", [("status",), ("worker",), ("serve", "--port", "1")])
+async def test_a_malformed_redis_url_exits_2_with_what_to_fix(
+    settings: Settings, command: tuple[str, ...]
+) -> None:
+    result = await wbcache(
+        settings, *command, "--redis-url", "redis+sentinel://127.0.0.1:1", timeout=30
+    )
+    assert result.code == 2, result
+    assert "REDIS_URL" in result.stderr and "no master name" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

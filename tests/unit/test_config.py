@@ -26,3 +26,24 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"| `{name.upper()}` |" not in readme]
     assert not missing, f"settings without a README row: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://127.0.0.1:6379/0", "must start with one of"),
+        ("redis+sentinel://127.0.0.1:26379", "no master name"),
+        ("redis+sentinel://127.0.0.1:notaport/mymaster", "bad Sentinel port"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_at_start(url: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        Settings(redis_url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/0", "rediss://h:6380", "redis+sentinel://a:26379,b/mymaster/2"],
+)
+def test_redis_url_forms_accepted(url: str) -> None:
+    assert Settings(redis_url=url).redis_url == url
