@@ -168,7 +168,9 @@ async def test_client_api_worker_and_cli_through_sentinel(
         for _ in range(20):
             await asyncio.gather(*(redis.ping() for _ in range(32)))
         asked_again = await asyncio.to_thread(_sentinel_commands, topology)
-        assert asked_again - asked <= len(topology.sentinels), (asked, asked_again)
+        # 640 checkouts: asking per checkout would be >= 640 commands. The Sentinels also
+        # PING each other every second, so allow for that traffic on a slow machine.
+        assert asked_again - asked < 64, (asked, asked_again)
 
         c = f"s{uuid.uuid4().hex[:10]}"
         async with running_api(settings) as api:
