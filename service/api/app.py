@@ -30,6 +30,7 @@ from service.core.records import RecordStore
 from service.core.redis_keys import Keys
 from service.core.repository import ping
 from service.core.scripts import Scripts
+from service.core.write_through import WriteThrough
 
 log = logging.getLogger("wbcache.app")
 
@@ -56,7 +57,7 @@ def build_state(
         redis=redis,
         pg=pg,
         store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record),
-        flusher=Flusher(redis, pg, settings, scripts),
+        write_through=WriteThrough(Flusher(redis, pg, settings, scripts)),
         counters=counters,
         metrics=metrics or Metrics(),
         dead_letters=DeadLetters(redis, Keys(settings.redis_prefix), scripts),

@@ -28,9 +28,9 @@ from service.api.http import (
 from service.api.state import AppState
 from service.config import WriteMode
 from service.core import documents
-from service.core.flusher import Outcome
 from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
+from service.core.write_through import Outcome
 
 router = APIRouter(
     prefix="/v1", tags=["records"], responses=ERROR_RESPONSES, route_class=ScopedRoute
@@ -127,7 +127,7 @@ def check_write(result: WriteResult) -> None:
 
 
 async def persist_through(state: AppState, collection: str, key: str, version: int) -> None:
-    outcome = await state.flusher.write_through(
+    outcome = await state.write_through(
         member(collection, key), version, state.settings.write_through_timeout
     )
     if outcome is Outcome.TIMEOUT:

@@ -10,9 +10,9 @@ from service.adapters.postgres import PgPool
 from service.api.metrics import Metrics
 from service.config import Settings
 from service.core.deadletters import DeadLetters
-from service.core.flusher import Flusher
 from service.core.records import RecordStore
 from service.core.redis_keys import Keys
+from service.core.write_through import WriteThrough
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AppState:
     redis: ArqRedis
     pg: PgPool
     store: RecordStore
-    flusher: Flusher
+    write_through: WriteThrough
     counters: HitCounters
     metrics: Metrics
     dead_letters: DeadLetters

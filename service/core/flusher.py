@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 import uuid
@@ -35,14 +34,6 @@ _TAKE_OVER_MAX = 16
 # How often one claim reads its candidates again when all of them had gone by the time it
 # claimed them (another worker took them between the two steps).
 _CLAIM_ROUNDS = 8
-
-
-class Outcome(enum.Enum):
-    """How a write-through ended."""
-
-    COMMITTED = "committed"
-    DEAD = "dead"  # dead-lettered
-    TIMEOUT = "timeout"  # not committed within the timeout; still queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +120,6 @@ class Flusher:
         self.stopping = False
         self._retry_log = _Throttled()
         # Write-throughs past their deadline, finishing (handing back) in the background.
-        self._background: set[asyncio.Future[Outcome]] = set()
 
     # -- claiming and releasing ------------------------------------------------------------
 
@@ -483,58 +473,3 @@ class Flusher:
         # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
         due = int(first[0][1]) + self.settings.write_delay_ms
         return max(0, due - (int(seconds) * 1000 + int(micros) // 1000))
-
-    # -- write-through ------------------------------------------------------------------
-
-    async def write_through(self, m: str, version: int, timeout: float) -> Outcome:
-        """Persist ``m`` now (or wait for the worker that holds it) until ``version`` is
-        committed, for at most ``timeout`` seconds whatever Redis and Postgres do."""
-        task = asyncio.ensure_future(self._write_through(m, version, time.monotonic() + timeout))
-        try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        # Out of time (e.g. Redis stopped answering after the commit): the write stays
-        # queued; what the task holds is handed back in the background or its lease runs out.
-        task.cancel()
-        self._background.add(task)
-        task.add_done_callback(self._forget)
-        return Outcome.TIMEOUT
-
-    def _forget(self, task: asyncio.Future[Outcome]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("write-through ended after its deadline: %s", task.exception())
-
-    async def _write_through(self, m: str, version: int, deadline: float) -> Outcome:
-        entry = self.keys.entry(*split_member(m))
-        claimed = False
-        delay = 0.002
-        while True:
-            try:
-                if not claimed:
-                    claimed = True
-                    batch = await self.claim([m])
-                    if batch is not None:
-                        # Handed back at the deadline or not: a worker may still commit it.
-                        await self.flush_batch(batch, deadline)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(entry, "p")
-                    pipe.hexists(self.keys.dead, m)
-                    persisted, dead = await pipe.execute()
-                if persisted is not None and int(persisted) >= version:
-                    return Outcome.COMMITTED
-                if dead:
-                    return Outcome.DEAD
-            except Exception as exc:
-                # The write is accepted and queued: a dependency failing now only means we
-                # cannot confirm the commit (yet).
-                if classify(exc) is None:
-                    raise
-            if time.monotonic() + delay > deadline:
-                return Outcome.TIMEOUT
-            await asyncio.sleep(delay)
-            delay = min(0.05, delay * 2)
