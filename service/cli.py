@@ -170,21 +170,30 @@ def _print_status(s: dict[str, Any]) -> None:
 
 
 async def _with_redis(settings: Settings, fn: Any) -> Any:
-    from service.adapters.redis import create_redis
-    from service.core.redis_keys import Keys
+    """``fn(redis, shards, arq)`` with clients of REDIS_URL (and ARQ_REDIS_URL)."""
+    from arq.connections import ArqRedis
 
-    redis = create_redis("cli", settings)
+    from service.adapters.redis import close_redis, connect_redis, create_arq_redis
+    from service.core.shards import Shards
+
+    redis = connect_redis("cli", settings)
+    arq = None if isinstance(redis, ArqRedis) else create_arq_redis("cli", settings)
     try:
-        return await fn(redis, Keys(settings.redis_prefix))
+        return await fn(redis, Shards.from_settings(settings), arq)
     finally:
-        await redis.aclose(close_connection_pool=True)
+        await close_redis(redis)
+        if arq is not None:
+            await close_redis(arq)
 
 
 def _collect(settings: Settings) -> dict[str, Any]:
     from service.core import stats
 
+    async def collect(redis: Any, shards: Any, arq: Any) -> dict[str, Any]:
+        return await stats.collect(redis, shards, arq=arq)
+
     try:
-        result: dict[str, Any] = asyncio.run(_with_redis(settings, stats.collect))
+        result: dict[str, Any] = asyncio.run(_with_redis(settings, collect))
         return result
     except Exception as exc:
         typer.secho(f"cannot read the queue from Redis: {exc}", fg="red", err=True)
@@ -286,8 +295,8 @@ def _dead_letters(settings: Settings, action: str, items: list[str] | None) -> A
     from service.core.deadletters import DeadLetters
     from service.core.scripts import Scripts
 
-    async def run(redis: Any, keys: Any) -> Any:
-        dl = DeadLetters(redis, keys, Scripts.register(redis))
+    async def run(redis: Any, shards: Any, arq: Any) -> Any:
+        dl = DeadLetters(redis, shards, Scripts.register(redis), arq)
         if action == "list":
             out: list[dict[str, Any]] = []
             cursor = ""

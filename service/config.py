@@ -5,12 +5,21 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
+from service.adapters.redis_url import (
+    is_cluster_url,
+    is_sentinel_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+# Shards when REDIS_SHARDS is not set: one on a standalone Redis or Sentinel (keys exactly
+# as before sharding existed); on a Cluster, enough to spread over a few primaries and
+# grow (docs/scaling.md, "Choosing REDIS_SHARDS").
+DEFAULT_CLUSTER_SHARDS = 16
 
 WriteMode = Literal["behind", "through"]
 
@@ -38,6 +47,15 @@ class Settings(BaseSettings):
     redis_min_replicas: int = Field(default=0, ge=0)
     # At most 4,000: WAIT must answer within the Redis client's 5 s read timeout.
     redis_replica_timeout_ms: int = Field(default=1000, ge=1, le=4000)
+
+    # Redis Cluster (REDIS_URL=redis+cluster://...). The write-behind queue is split into
+    # this many shards, each in one hash slot; fixed at deploy time (changing it strands
+    # the pending writes of the old layout). Empty: 1, or DEFAULT_CLUSTER_SHARDS on a
+    # Cluster. Above 1 on a standalone Redis it works the same (one Redis, several queues).
+    redis_shards: int | None = Field(default=None, ge=1, le=1024)
+    # A standalone Redis for arq's flush wake-up jobs when REDIS_URL is a Cluster (arq has
+    # no Cluster support). Empty: workers poll the shards instead (the delay stays bounded).
+    arq_redis_url: str | None = None
 
     # Read path
     clean_ttl_seconds: int = 3600
@@ -104,7 +122,49 @@ class Settings(BaseSettings):
             )
         if is_sentinel_url(url):
             parse_sentinel_url(url)
+        if is_cluster_url(url):
+            parse_cluster_url(url)
         return url
+
+    @field_validator("arq_redis_url")
+    @classmethod
+    def _standalone_arq_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        scheme = url.partition("://")[0].lower()
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+            raise ValueError(
+                "ARQ_REDIS_URL must be a standalone or Sentinel Redis "
+                "(redis://, rediss://, unix://, redis+sentinel://)"
+            )
+        if is_sentinel_url(url):
+            parse_sentinel_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _prefix_fits_hash_tags(self) -> Settings:
+        if self.sharded and ("{" in self.redis_prefix or "}" in self.redis_prefix):
+            raise ValueError(
+                "REDIS_PREFIX must not contain '{' or '}' with shards: each shard's keys "
+                "carry their own hash tag"
+            )
+        return self
+
+    @property
+    def cluster(self) -> bool:
+        """REDIS_URL names a Redis Cluster."""
+        return is_cluster_url(self.redis_url)
+
+    @property
+    def shards(self) -> int:
+        if self.redis_shards is not None:
+            return self.redis_shards
+        return DEFAULT_CLUSTER_SHARDS if self.cluster else 1
+
+    @property
+    def sharded(self) -> bool:
+        """Keys carry a shard hash tag: always on a Cluster, and with more than one shard."""
+        return self.cluster or self.shards > 1
 
 
 @lru_cache

@@ -8,24 +8,29 @@ import asyncio
 import logging
 from typing import Any
 
-from service.adapters.arq import arm_and_schedule
+from arq.connections import ArqRedis
+
+from service.adapters.arq import schedule_flush
 from service.core import repository
 from service.core.flusher import Flusher
-from service.core.redis_keys import Keys
 
 log = logging.getLogger("wbcache.worker")
 
 
 async def drain(ctx: dict[str, Any], scheduling: bool = True) -> int:
     """Flush whatever is ready; then, if ``scheduling``, enqueue a wake-up for what is not
-    (a Redis at maxmemory refuses that enqueue: the worker's poll loop drains instead)."""
+    (a Redis at maxmemory refuses that enqueue: the worker's poll loop drains instead; a
+    worker without arq, on a Cluster, polls)."""
     flusher: Flusher = ctx["flusher"]
     lock: asyncio.Lock = ctx["flush_lock"]
-    keys: Keys = flusher.keys
+    arq: ArqRedis | None = ctx.get("arq")
     if lock.locked():
         return 0  # this process is already draining; it will see the new work
     async with lock:
-        await flusher.redis.delete(keys.wake)
+        async with flusher.redis.pipeline(transaction=False) as pipe:
+            for k in flusher.shards:
+                pipe.delete(k.wake)
+            await pipe.execute()
         flushed = 0
         while True:
             flushed += await flusher.drain_ready()
@@ -36,13 +41,18 @@ async def drain(ctx: dict[str, Any], scheduling: bool = True) -> int:
             if wait_ms is None or wait_ms > flusher.settings.write_delay_ms:
                 break
             await asyncio.sleep(max(wait_ms, flusher.settings.write_delay_ms // 5) / 1000)
-    if not scheduling:
+    if not scheduling or arq is None:
         return flushed
     # Outside the lock: a wake-up that arrived while we drained returned at once, so
-    # schedule whatever is still dirty ourselves.
+    # schedule whatever is still dirty ourselves, and mark it scheduled in every shard so
+    # that writes do not enqueue one each.
     wait_ms = await flusher.next_ready_in_ms()
     if wait_ms is not None:
-        await arm_and_schedule(flusher.redis, keys, wait_ms, flusher.settings.write_delay_ms + 5000)
+        async with flusher.redis.pipeline(transaction=False) as pipe:
+            for k in flusher.shards:
+                pipe.set(k.wake, "1", px=flusher.settings.write_delay_ms + 5000)
+            await pipe.execute()
+        await schedule_flush(arq, flusher.keys, wait_ms)
     return flushed
 
 

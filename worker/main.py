@@ -13,6 +13,7 @@ from arq.worker import Worker
 
 from service.config import Settings
 from service.core.errors import redis_unavailable
+from worker.poll import run_polling
 from worker.settings import FlushWorker, worker_settings
 
 log = logging.getLogger("wbcache.worker")
@@ -20,6 +21,9 @@ log = logging.getLogger("wbcache.worker")
 
 def run(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT."""
+    if settings.cluster and not settings.arq_redis_url:
+        run_polling(settings)
+        return
     stopped = False
 
     def on_signal(signum: int, frame: object) -> None:

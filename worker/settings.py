@@ -16,14 +16,14 @@ from arq.worker import Worker, func
 
 from service.adapters.arq import FLUSH_JOB, use_prefix
 from service.adapters.postgres import PgPool
-from service.adapters.redis import create_redis
+from service.adapters.redis import close_redis, connect_redis
 from service.adapters.redis_check import check_redis_durability
 from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
 from service.config import Settings, get_settings
 from service.core.errors import classify
 from service.core.flusher import Flusher
-from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
+from service.core.shards import Shards
 from worker.flush import drain, flush, sweep
 
 log = logging.getLogger("wbcache.worker")
@@ -47,10 +47,13 @@ async def _heartbeat(ctx: dict[str, Any]) -> None:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.get("settings") or get_settings()
-    redis = create_redis("worker", settings)
+    redis = connect_redis("worker", settings)
     pg = PgPool("worker", settings)
     ctx["worker_id"] = f"{uuid.uuid4().hex[:12]}"
     ctx["redis_client"] = redis
+    # arq's own client (REDIS_URL's Redis, or a Cluster's ARQ_REDIS_URL) enqueues the
+    # wake-ups; a polling worker (worker/poll.py) has none.
+    ctx["arq"] = ctx.get("redis")
     ctx["pg"] = pg
     ctx["flusher"] = Flusher(redis, pg, settings, Scripts.register(redis))
     ctx["flush_lock"] = asyncio.Lock()
@@ -76,7 +79,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         await flusher.redis.zrem(flusher.keys.workers, ctx["worker_id"])
     await ctx["pg"].close()
-    await ctx["redis_client"].aclose(close_connection_pool=True)
+    await close_redis(ctx["redis_client"])
     # arq closes its own pool after this, but never the connections its Sentinel client
     # opened to the Sentinels (redis+sentinel:// URLs): close those here.
     arq_pool = getattr(ctx.get("redis"), "connection_pool", None)
@@ -140,7 +143,7 @@ def arq_redis_settings(url: str) -> RedisSettings:
 def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
     """Keyword arguments for ``arq.Worker``."""
     settings = settings or get_settings()
-    keys = Keys(settings.redis_prefix)
+    keys = Shards.from_settings(settings).any
     use_prefix(settings.redis_prefix)
     sweep_seconds = max(1, min(30, settings.sweep_seconds))
     return {
@@ -157,7 +160,11 @@ def worker_settings(settings: Settings | None = None) -> dict[str, Any]:
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "redis_settings": arq_redis_settings(settings.redis_url),
+        "redis_settings": arq_redis_settings(
+            settings.arq_redis_url
+            if settings.cluster and settings.arq_redis_url
+            else settings.redis_url
+        ),
         "queue_name": keys.arq_queue,
         "health_check_key": f"{keys.prefix}arq:health-check",
         "ctx": {"settings": settings},

@@ -47,9 +47,3 @@ async def schedule_flush(redis: ArqRedis, keys: Keys, defer_ms: int) -> None:
     await redis.enqueue_job(
         FLUSH_JOB, _queue_name=keys.arq_queue, _defer_by=timedelta(milliseconds=defer_ms)
     )
-
-
-async def arm_and_schedule(redis: ArqRedis, keys: Keys, defer_ms: int, wake_ttl_ms: int) -> None:
-    """Schedule a flush and mark it scheduled, so writes do not enqueue one each."""
-    await redis.set(keys.wake, "1", px=wake_ttl_ms)
-    await schedule_flush(redis, keys, defer_ms)

@@ -32,6 +32,12 @@ command, interleaved A/B): the common case costs what it did before the subclass
 A ``redis+sentinel://`` URL (service/adapters/redis_url.py) gets the same pool over redis-py's
 ``SentinelConnectionPool``: each new connection asks the Sentinels for the primary; a
 checkout of a live pooled connection does not.
+
+A ``redis+cluster://`` URL gets redis-py's own ``RedisCluster`` client (``connect_redis``):
+it keeps the slot map, sends each command to the primary of its keys' slot, splits a
+pipeline by node (one round trip per node, in parallel), and follows ``MOVED`` and ``ASK``
+during a resharding and a failover. arq, which has no Cluster support, then gets its own
+standalone Redis (``ARQ_REDIS_URL``, ``create_arq_redis``) or none.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from typing import Any
 
 import hiredis
 from arq.connections import ArqRedis
-from redis.asyncio import BlockingConnectionPool, ConnectionPool
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -50,8 +57,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.adapters.arq import use_prefix
 from service.adapters.identity import client_name
-from service.adapters.redis_url import SentinelUrl, is_sentinel_url, parse_sentinel_url
+from service.adapters.redis_url import (
+    SentinelUrl,
+    is_cluster_url,
+    is_sentinel_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 from service.config import Settings
+
+# What the service talks to: one Redis (standalone, or the primary the Sentinels name), or
+# a Cluster client that routes each command by its keys' slot.
+AnyRedis = Redis | RedisCluster
 
 
 class LeanConnection(Connection):
@@ -237,11 +254,7 @@ def _sentinel_pool(url: SentinelUrl, options: dict[str, Any]) -> LeanSentinelPoo
     )
 
 
-def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
-    """A Redis client that can also enqueue arq jobs (the flush wake-ups): to the Redis of a
-    ``redis://`` / ``rediss://`` / ``unix://`` URL, or to the primary the Sentinels of a
-    ``redis+sentinel://`` URL name (following failovers)."""
-    use_prefix(settings.redis_prefix)
+def _options(process: str, settings: Settings, kwargs: dict[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {
         "client_name": client_name(process),
         "max_connections": settings.redis_max_connections,
@@ -250,9 +263,65 @@ def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
         "health_check_interval": 15,
     }
     options.update(kwargs)
+    return options
+
+
+def _standalone(url: str, settings: Settings, options: dict[str, Any]) -> ArqRedis:
     pool: LeanConnectionPool
-    if is_sentinel_url(settings.redis_url):
-        pool = _sentinel_pool(parse_sentinel_url(settings.redis_url), options)
+    if is_sentinel_url(url):
+        pool = _sentinel_pool(parse_sentinel_url(url), options)
     else:
-        pool = LeanConnectionPool.from_url(settings.redis_url, **options)
+        pool = LeanConnectionPool.from_url(url, **options)
     return ArqRedis(pool, default_queue_name=f"{settings.redis_prefix}arq:queue")
+
+
+def create_redis(process: str, settings: Settings, **kwargs: Any) -> ArqRedis:
+    """A Redis client that can also enqueue arq jobs (the flush wake-ups): to the Redis of a
+    ``redis://`` / ``rediss://`` / ``unix://`` URL, or to the primary the Sentinels of a
+    ``redis+sentinel://`` URL name (following failovers). Not for a Cluster: see
+    ``connect_redis``."""
+    if is_cluster_url(settings.redis_url):
+        raise ValueError("REDIS_URL names a Redis Cluster: use connect_redis")
+    use_prefix(settings.redis_prefix)
+    return _standalone(settings.redis_url, settings, _options(process, settings, kwargs))
+
+
+def connect_redis(process: str, settings: Settings, **kwargs: Any) -> AnyRedis:
+    """The service's Redis client for any ``REDIS_URL``: ``create_redis``'s, or a
+    ``RedisCluster`` for ``redis+cluster://``. ``max_connections`` is per Cluster node."""
+    if not is_cluster_url(settings.redis_url):
+        return create_redis(process, settings, **kwargs)
+    use_prefix(settings.redis_prefix)
+    url = parse_cluster_url(settings.redis_url)
+    options = _options(process, settings, kwargs)
+    options.pop("timeout", None)  # the blocking pool's wait: not a RedisCluster option
+    cluster: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in url.nodes],
+        username=url.username,
+        password=url.password,
+        # A failover or a slot move is retried by redis-py (re-reading the slot map) this
+        # many times before the error reaches the caller as a 503.
+        cluster_error_retry_attempts=3,
+        **options,
+    )
+    return cluster
+
+
+async def close_redis(client: AnyRedis) -> None:
+    """Close a client from ``connect_redis`` (or ``create_redis``) with its connections."""
+    if isinstance(client, Redis):
+        await client.aclose(close_connection_pool=True)
+    else:
+        await client.aclose()
+
+
+def create_arq_redis(process: str, settings: Settings) -> ArqRedis | None:
+    """With a Cluster, a client of ARQ_REDIS_URL, where flush wake-up jobs are enqueued, or
+    None without it (workers then poll). Otherwise None: REDIS_URL's own client, an
+    ``ArqRedis``, enqueues them."""
+    if not is_cluster_url(settings.redis_url):
+        return None
+    if not settings.arq_redis_url:
+        return None
+    use_prefix(settings.redis_prefix)
+    return _standalone(settings.arq_redis_url, settings, _options(process, settings, {}))

@@ -8,13 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.resources import files
 
+from arq.connections import ArqRedis
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.adapters.postgres import PgPool
-from service.adapters.redis import create_redis
+from service.adapters.redis import close_redis, connect_redis, create_arq_redis
 from service.adapters.redis_check import check_redis_durability
 from service.api import batch, dashboard, deadletters, errors, ops, records
 from service.api.auth import ApiKeys, Guard
@@ -27,9 +28,9 @@ from service.core.deadletters import DeadLetters
 from service.core.errors import REDIS_DOWN
 from service.core.flusher import Flusher
 from service.core.records import RecordStore
-from service.core.redis_keys import Keys
 from service.core.repository import ping
 from service.core.scripts import Scripts
+from service.core.shards import Shards
 from service.core.write_through import WriteThrough
 
 log = logging.getLogger("wbcache.app")
@@ -47,20 +48,23 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
 def build_state(
     settings: Settings, process: str = "api", metrics: Metrics | None = None
 ) -> AppState:
-    redis = create_redis(process, settings)
+    redis = connect_redis(process, settings)
+    arq = redis if isinstance(redis, ArqRedis) else create_arq_redis(process, settings)
     pg = PgPool(process, settings)
     scripts = Scripts.register(redis)
     counters = HitCounters()
+    shards = Shards.from_settings(settings)
     return AppState(
         settings=settings,
-        keys=Keys(settings.redis_prefix),
+        shards=shards,
         redis=redis,
+        arq=arq,
         pg=pg,
-        store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record),
+        store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record, arq=arq),
         write_through=WriteThrough(Flusher(redis, pg, settings, scripts)),
         counters=counters,
         metrics=metrics or Metrics(),
-        dead_letters=DeadLetters(redis, Keys(settings.redis_prefix), scripts),
+        dead_letters=DeadLetters(redis, shards, scripts, arq),
     )
 
 
@@ -124,7 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(Exception):
                 await state.flush_counters()
             await state.pg.close()
-            await state.redis.aclose(close_connection_pool=True)
+            await close_redis(state.redis)
+            if state.arq is not None and state.arq is not state.redis:
+                await close_redis(state.arq)
 
     app = WbcacheApp(
         docs_url=None,

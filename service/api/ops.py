@@ -30,7 +30,7 @@ async def current_stats(state: AppState, raw_counters: bool = False) -> dict[str
         # answers them; this process' hit counts wait for the next flush.
         if classify(exc) is None:
             raise
-    return await stats.collect(state.redis, state.keys, raw_counters)
+    return await stats.collect(state.redis, state.shards, raw_counters, state.arq)
 
 
 @router.get(
@@ -74,12 +74,12 @@ async def readyz(state: StateDep) -> Response:
             try:
                 # At maxmemory, or as a replica, Redis answers reads but refuses writes:
                 # only a write tells (a tiny one, gone in seconds).
-                await state.redis.set(state.keys.ready_probe, b"1", px=10_000)
+                await state.redis.set(state.shards.any.ready_probe, b"1", px=10_000)
             except RedisError as exc:
                 refused = _redis_state(exc)
                 if refused is None:
                     raise
-            s = await stats.collect(state.redis, state.keys)
+            s = await stats.collect(state.redis, state.shards, arq=state.arq)
     except Exception as exc:
         down = _redis_state(exc)
         if down is None:
@@ -106,7 +106,7 @@ async def readyz(state: StateDep) -> Response:
 )
 async def get_stats(state: StateDep) -> Response:
     s = await current_stats(state)
-    per = await stats.pending_by_collection(state.redis, state.keys)
+    per = await stats.pending_by_collection(state.redis, state.shards)
     s["pending_by_collection"] = per["counts"]
     s["pending_by_collection_exact"] = per["exact"]
     return json_response(s)

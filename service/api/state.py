@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from arq.connections import ArqRedis
 
 from service.adapters.postgres import PgPool
+from service.adapters.redis import AnyRedis
 from service.api.metrics import Metrics
 from service.config import Settings
 from service.core.deadletters import DeadLetters
 from service.core.records import RecordStore
-from service.core.redis_keys import Keys
+from service.core.shards import Shards
 from service.core.write_through import WriteThrough
 
 
@@ -38,8 +39,11 @@ class HitCounters:
 @dataclass
 class AppState:
     settings: Settings
-    keys: Keys
-    redis: ArqRedis
+    shards: Shards
+    redis: AnyRedis
+    # Where flush wake-ups are enqueued (REDIS_URL's Redis, a Cluster's ARQ_REDIS_URL, or
+    # none on a Cluster without it).
+    arq: ArqRedis | None
     pg: PgPool
     store: RecordStore
     write_through: WriteThrough
@@ -55,8 +59,8 @@ class AppState:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self.keys.counters, "hits", hits)
-                pipe.hincrby(self.keys.counters, "misses", misses)
+                pipe.hincrby(self.shards.any.counters, "hits", hits)
+                pipe.hincrby(self.shards.any.counters, "misses", misses)
                 await pipe.execute()
         except Exception:
             # Keep them for the next attempt rather than lose them.

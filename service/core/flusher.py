@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 import asyncpg
 import orjson
-from arq.connections import ArqRedis
 
 from service.adapters.postgres import PgPool
+from service.adapters.redis import AnyRedis
 from service.config import Settings
 from service.core import histograms, repository
 from service.core.errors import classify, is_poison, sqlstate
 from service.core.redis_keys import Keys, split_member
 from service.core.scripts import Scripts
+from service.core.shards import Shards
 
 log = logging.getLogger("wbcache.flush")
 
@@ -31,6 +32,8 @@ log = logging.getLogger("wbcache.flush")
 BUG_RETRIES = 3
 # Batches whose lease ran out that one claim takes over (the next claims take the rest).
 _TAKE_OVER_MAX = 16
+# A worker that has not beaten for this long is dropped from the workers set.
+_WORKER_FORGOTTEN_MS = 3_600_000
 # How often one claim reads its candidates again when all of them had gone by the time it
 # claimed them (another worker took them between the two steps).
 _CLAIM_ROUNDS = 8
@@ -55,6 +58,7 @@ class Item:
 class Batch:
     id: str
     items: list[Item]
+    shard: int = 0  # a batch holds keys of one shard: its scripts touch one slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +113,19 @@ class _Throttled:
 
 
 class Flusher:
-    def __init__(self, redis: ArqRedis, pg: PgPool, settings: Settings, scripts: Scripts) -> None:
+    def __init__(self, redis: AnyRedis, pg: PgPool, settings: Settings, scripts: Scripts) -> None:
         self.redis = redis
         self.pg = pg
         self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
+        self.shards = Shards.from_settings(settings)
+        # The keys of shard 0, which are also the keys no shard owns (workers, last error).
+        self.keys: Keys = self.shards.any
         self.scripts = scripts
         self.held: set[str] = set()
+        self._shard_of_batch: dict[str, int] = {}
+        # Claims start at the shard after the last one claimed from, so every shard's
+        # queue is served in turn however busy the others are.
+        self._next_shard = 0
         # Set on shutdown: loops stop claiming; held batches are handed back.
         self.stopping = False
         self._retry_log = _Throttled()
@@ -124,31 +134,70 @@ class Flusher:
     # -- claiming and releasing ------------------------------------------------------------
 
     async def claim(self, members: Sequence[str] = ()) -> Batch | None:
-        """Claim a batch under a lease: the dirty keys that are due, oldest first, or
-        ``members`` (those that are dirty, due or not), after taking over batches whose
-        lease ran out. Every key a script touches is declared (Redis Cluster routes a script
-        by its KEYS), so a claim reads its candidates first (candidates.lua, read only), and
-        claim.lua then checks each again, atomically (still dirty? due?), and takes it."""
-        explicit = [m.encode() for m in dict.fromkeys(members)]
+        """Claim a batch under a lease: the dirty keys that are due, oldest first, of the
+        next shard in turn that has any, or ``members`` (those that are dirty, due or not;
+        all of one shard), after taking over batches whose lease ran out."""
+        if members:
+            groups = self.shards.group(dict.fromkeys(members))
+            if len(groups) != 1:
+                raise ValueError("an explicit claim takes members of one shard")
+            ((shard, group),) = groups.items()
+            return await self._claim_shard(shard, [m.encode() for m in group])
+        count = self.shards.count
+        order = [(self._next_shard + i) % count for i in range(count)]
+        if count > 1:
+            busy = set(await self._shards_with_work())
+            order = [s for s in order if s in busy]
+        for shard in order:
+            batch = await self._claim_shard(shard, [])
+            if batch is not None:
+                self._next_shard = (shard + 1) % count
+                return batch
+        return None
+
+    async def _shards_with_work(self) -> list[int]:
+        """The shards with a due dirty key or a lease run out, in one round trip (per
+        node, on a Cluster): the claim scripts check again, atomically; this only spares
+        a claim's round trips to idle shards."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for k in self.shards:
+                pipe.zrange(k.dirty, 0, 0, withscores=True)
+                pipe.zrange(k.leases, 0, 0, withscores=True)
+            (seconds, micros), *firsts = await pipe.execute()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        due = now - self.settings.write_delay_ms
+        busy = []
+        for shard in range(self.shards.count):
+            dirty, leases = firsts[2 * shard], firsts[2 * shard + 1]
+            if (dirty and dirty[0][1] <= due) or (leases and leases[0][1] <= now):
+                busy.append(shard)
+        return busy
+
+    async def _claim_shard(self, shard: int, explicit: list[bytes]) -> Batch | None:
+        """``claim`` in one shard. Every key a script touches is declared (Redis Cluster
+        routes a script by its KEYS), so a claim reads its candidates first (candidates.lua,
+        read only), and claim.lua then checks each again, atomically (still dirty? due?),
+        and takes it."""
         for _ in range(_CLAIM_ROUNDS):
-            expired, due = await self._candidates(due=not explicit)
+            expired, due = await self._candidates(shard, due=not explicit)
             if expired:
-                await self._take_over(expired)
+                await self._take_over(shard, expired)
                 if not explicit:
                     continue  # their keys are dirty again, and may be due: read again
             candidates = explicit or due
             if not candidates:
                 return None
-            batch = await self._claim(candidates, explicit=bool(explicit))
+            batch = await self._claim(shard, candidates, explicit=bool(explicit))
             if batch is not None or explicit:
                 return batch
             # Every candidate had gone by the claim (another worker took it between the two
             # steps, or its entry was gone and the claim dropped its mark): read again.
         return None
 
-    async def _candidates(self, due: bool) -> tuple[list[bytes], list[bytes]]:
+    async def _candidates(self, shard: int, due: bool) -> tuple[list[bytes], list[bytes]]:
         """(batch ids whose lease ran out, due dirty members oldest first), on Redis' clock."""
-        k = self.keys
+        k = self.shards[shard]
         expired, ready = await self.scripts.candidates(
             keys=[k.dirty, k.leases],
             args=[
@@ -159,8 +208,8 @@ class Flusher:
         )
         return expired, ready
 
-    async def _take_over(self, batch_ids: Sequence[bytes]) -> None:
-        k = self.keys
+    async def _take_over(self, shard: int, batch_ids: Sequence[bytes]) -> None:
+        k = self.shards[shard]
         await self.scripts.take_over(
             keys=[
                 k.dirty,
@@ -173,9 +222,9 @@ class Flusher:
             args=batch_ids,
         )
 
-    async def _claim(self, candidates: Sequence[bytes], explicit: bool) -> Batch | None:
+    async def _claim(self, shard: int, candidates: Sequence[bytes], explicit: bool) -> Batch | None:
         batch_id = uuid.uuid4().hex
-        k = self.keys
+        k = self.shards[shard]
         entry_prefix = k.entry_prefix.encode()
         call = asyncio.ensure_future(
             self.scripts.claim(
@@ -205,22 +254,23 @@ class Flusher:
             with contextlib.suppress(Exception):
                 raw = await call
                 if raw:
-                    await self.release(Batch(batch_id, _decode(raw)), [], [])
+                    await self.release(Batch(batch_id, _decode(raw), shard), [], [])
             raise
         if not raw:
             return None
         self.held.add(batch_id)
-        return Batch(batch_id, _decode(raw))
+        self._shard_of_batch[batch_id] = shard
+        return Batch(batch_id, _decode(raw), shard)
 
     async def hand_back_all(self) -> None:
         """Return every batch this process still holds to the dirty set (shutdown)."""
         for batch_id in list(self.held):
-            await self.release(Batch(batch_id, []), [], [])
+            await self.release(Batch(batch_id, [], self._shard_of_batch.get(batch_id, 0)), [], [])
 
     async def release(
         self, batch: Batch, committed: Sequence[Item], dead: Sequence[DeadLetter]
     ) -> None:
-        k = self.keys
+        k = self.shards[batch.shard]
         now = now_ms()
         # The entries of the committed, then the dead-lettered members, in ARGV's order.
         keys = [
@@ -256,17 +306,24 @@ class Flusher:
             args += [d.item.member, d.item.version, orjson.dumps(info)]
         await self.scripts.release(keys=keys, args=args)
         self.held.discard(batch.id)
+        self._shard_of_batch.pop(batch.id, None)
 
     async def renew_leases(self, worker_id: str = "") -> None:
-        """Keep the leases of batches this process holds (a slow Postgres is not a death)
-        and, given a worker id, its heartbeat: one script on Redis' clock, which Redis runs
-        even at maxmemory (a worker draining a full Redis must not lose its batches)."""
-        if not self.held and not worker_id:
-            return
-        await self.scripts.heartbeat(
-            keys=[self.keys.workers, self.keys.leases],
-            args=[worker_id, self._lease_ms, *self.held],
-        )
+        """Keep the leases of batches this process holds (a slow Postgres is not a death),
+        one script per shard holding any, and, given a worker id, its heartbeat: scripts
+        on Redis' clock, which Redis runs even at maxmemory (a worker draining a full Redis
+        must not lose its batches)."""
+        by_shard: dict[int, list[str]] = {}
+        for batch_id in list(self.held):
+            by_shard.setdefault(self._shard_of_batch.get(batch_id, 0), []).append(batch_id)
+        for shard, batch_ids in by_shard.items():
+            await self.scripts.heartbeat(
+                keys=[self.shards[shard].leases], args=["XX", self._lease_ms, "", *batch_ids]
+            )
+        if worker_id:
+            await self.scripts.heartbeat(
+                keys=[self.keys.workers], args=["", 0, _WORKER_FORGOTTEN_MS, worker_id]
+            )
 
     @property
     def _lease_ms(self) -> int:
@@ -362,9 +419,10 @@ class Flusher:
             raise
         duration = time.monotonic() - started
         try:
+            counters = self.shards[batch.shard].counters
             async with self.redis.pipeline(transaction=False) as pipe:
-                histograms.observe(pipe, self.keys.counters, "flush_batch_size", len(batch.items))
-                histograms.observe(pipe, self.keys.counters, "flush_duration_seconds", duration)
+                histograms.observe(pipe, counters, "flush_batch_size", len(batch.items))
+                histograms.observe(pipe, counters, "flush_duration_seconds", duration)
                 await pipe.execute()
         except Exception as exc:  # metrics must never fail a flush
             log.debug("could not record flush metrics: %s", exc)
@@ -465,11 +523,13 @@ class Flusher:
     async def next_ready_in_ms(self) -> int | None:
         """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrange(self.keys.dirty, 0, 0, withscores=True)
             pipe.time()
-            first, (seconds, micros) = await pipe.execute()
-        if not first:
+            for k in self.shards:
+                pipe.zrange(k.dirty, 0, 0, withscores=True)
+            (seconds, micros), *firsts = await pipe.execute()
+        oldest = [int(first[0][1]) for first in firsts if first]
+        if not oldest:
             return None
         # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
-        due = int(first[0][1]) + self.settings.write_delay_ms
+        due = min(oldest) + self.settings.write_delay_ms
         return max(0, due - (int(seconds) * 1000 + int(micros) // 1000))

@@ -11,16 +11,19 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from service.adapters.arq import schedule_flush
 from service.adapters.postgres import PgPool
+from service.adapters.redis import AnyRedis
 from service.config import Settings
 from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
-from service.core.redis_keys import Keys, member
+from service.core.redis_keys import member
 from service.core.scripts import Scripts
+from service.core.shards import Shards
 
 log = logging.getLogger("wbcache.records")
 
@@ -147,16 +150,20 @@ def _cached_record(v: bytes, d: bytes | None, t: bytes | None, x: bytes | None) 
 class RecordStore:
     def __init__(
         self,
-        redis: ArqRedis,
+        redis: AnyRedis,
         pg: PgPool,
         settings: Settings,
         scripts: Scripts,
         on_hit: Callable[[bool], None] | None = None,
+        arq: ArqRedis | None = None,
     ) -> None:
         self.redis = redis
         self.pg = pg
         self.settings = settings
-        self.keys = Keys(settings.redis_prefix)
+        self.shards = Shards.from_settings(settings)
+        # Where flush wake-ups are enqueued: REDIS_URL's own client, except on a Cluster
+        # (ARQ_REDIS_URL's, or none: workers poll).
+        self.arq = arq if arq is not None else redis if isinstance(redis, ArqRedis) else None
         self.scripts = scripts
         self._loads: dict[str, asyncio.Future[Record]] = {}
         self._on_hit = on_hit
@@ -182,7 +189,7 @@ class RecordStore:
     def _write_command(self, call: WriteCall) -> tuple[list[str], list[Any]]:
         """The write script's keys and arguments (service/core/lua/write.lua documents
         them)."""
-        k = self.keys
+        k = self.shards.for_record(call.collection, call.key)
         pre, stored = call.pre, call.stored
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
@@ -224,7 +231,7 @@ class RecordStore:
         """EVALSHA then WAIT, one pipeline. NOSCRIPT (Redis restarted): load the script and
         send both again; WAIT after a script that did not run waits for nothing new."""
         for _ in range(2):
-            reply, ack = await self._pipelined_scripts(self.scripts.write, [command])
+            (reply,), (ack,) = await self._pipelined_scripts(self.scripts.write, [command])
             if not isinstance(reply, NoScriptError):
                 break
             await self.redis.script_load(self.scripts.write.script)
@@ -256,8 +263,7 @@ class RecordStore:
         if not calls:
             return []
         commands = [self._write_command(c) for c in calls]
-        raws = await self._pipelined_scripts(self.scripts.write, commands)
-        ack = raws.pop() if self._replicas else None  # one WAIT after all the scripts
+        raws, acks = await self._pipelined_scripts(self.scripts.write, commands)
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = False
@@ -272,7 +278,7 @@ class RecordStore:
                 outcomes[i], schedule = reply
                 wake = wake or schedule
                 if self._replicas:
-                    outcomes[i] = self._confirm(reply[0], ack)
+                    outcomes[i] = self._confirm(reply[0], acks[i])
         if wake:
             await self._wake()
         if single:
@@ -285,18 +291,56 @@ class RecordStore:
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
-    ) -> list[Any]:
+    ) -> tuple[list[Any], list[Any]]:
         """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
         first (redis-py sends one for Script objects in pipelines). Error replies (NOSCRIPT
-        after a Redis restart, OOM, ...) come back in place, per command. With
-        REDIS_MIN_REPLICAS a WAIT follows the scripts; its reply comes last."""
+        after a Redis restart, OOM, ...) come back in place, per command. Returns the
+        replies and, with REDIS_MIN_REPLICAS, each command's WAIT reply (else Nones): on
+        one Redis a single WAIT after the scripts, in the same round trip."""
+        if isinstance(self.redis, RedisCluster):
+            return await self._pipelined_scripts_cluster(script, commands)
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in commands:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             if self._replicas:
                 pipe.wait(self._replicas, self.settings.redis_replica_timeout_ms)
             raws: list[Any] = await pipe.execute(raise_on_error=False)
-        return raws
+        ack = raws.pop() if self._replicas else None
+        return raws, [ack] * len(raws)
+
+    async def _pipelined_scripts_cluster(
+        self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
+    ) -> tuple[list[Any], list[Any]]:
+        """``_pipelined_scripts`` on a Cluster: redis-py splits the pipeline by node (one
+        round trip per node, in parallel) and follows MOVED/ASK per command. WAIT counts
+        the replicas of one connection's writes, so it is sent afterwards to the primary
+        that now owns each script's slot (a second round trip, per node in parallel):
+        after a redirection, that is the node that ran the script."""
+        cluster = self.redis
+        assert isinstance(cluster, RedisCluster)
+        async with cluster.pipeline() as pipe:
+            for keys, args in commands:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            raws: list[Any] = await pipe.execute(raise_on_error=False)
+        if not self._replicas:
+            return raws, [None] * len(raws)
+        nodes = [cluster.get_node_from_key(keys[0]) for keys, _ in commands]
+        by_name = {node.name: node for node in nodes if node is not None}
+        names = list(by_name)
+        replies = await asyncio.gather(
+            *(
+                cluster.execute_command(
+                    "WAIT",
+                    self._replicas,
+                    self.settings.redis_replica_timeout_ms,
+                    target_nodes=by_name[name],
+                )
+                for name in names
+            ),
+            return_exceptions=True,
+        )
+        acks = dict(zip(names, replies, strict=True))
+        return raws, [acks.get(node.name) if node else None for node in nodes]
 
     async def write(self, call: WriteCall) -> WriteResult:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
@@ -330,8 +374,10 @@ class RecordStore:
         return result
 
     async def _wake(self) -> None:
+        if self.arq is None:
+            return  # a Cluster without ARQ_REDIS_URL: workers poll the shards
         try:
-            await schedule_flush(self.redis, self.keys, self.settings.write_delay_ms)
+            await schedule_flush(self.arq, self.shards.any, self.settings.write_delay_ms)
         except Exception as exc:  # the sweep catches what a lost wake-up misses
             log.warning("could not enqueue a flush wake-up: %s", exc)
 
@@ -367,7 +413,7 @@ class RecordStore:
     # -- reads ----------------------------------------------------------------------------
 
     async def read(self, collection: str, key: str, fill: bool = True) -> Record:
-        entry = self.keys.entry(collection, key)
+        entry = self.shards.for_record(collection, key).entry(collection, key)
         v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
         if v is not None:
             if fill and self._on_hit:
@@ -387,7 +433,9 @@ class RecordStore:
         record, or the exception that stopped its read alone (Postgres down for a miss)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for collection, key in names:
-                pipe.hmget(self.keys.entry(collection, key), _READ_FIELDS)
+                pipe.hmget(
+                    self.shards.for_record(collection, key).entry(collection, key), _READ_FIELDS
+                )
             rows: list[list[Any]] = await pipe.execute()
         outcomes: list[ReadOutcome | None] = [None] * len(names)
         misses: list[int] = []
@@ -432,9 +480,10 @@ class RecordStore:
             if doc is not None
             else self.settings.negative_ttl_seconds
         )
+        k = self.shards.for_record(collection, key)
         try:
             installed = await self.scripts.fill(
-                keys=[self.keys.entry(collection, key), self.keys.floor(collection, key)],
+                keys=[k.entry(collection, key), k.floor(collection, key)],
                 args=[row.version, doc or b"", "1" if doc is None else "0", ttl * 1000],
             )
         except ResponseError as exc:
@@ -447,7 +496,7 @@ class RecordStore:
         if not installed:
             # Something newer reached the cache meanwhile (a write, a delete): use it.
             v, d, t = await self.redis.hmget(  # type: ignore[misc]
-                self.keys.entry(collection, key), ["v", "d", "t"]
+                k.entry(collection, key), ["v", "d", "t"]
             )
             if v is not None:
                 return Record(int(v), None if t == b"1" else d, hit=False)
@@ -457,30 +506,40 @@ class RecordStore:
 
     async def invalidate(self, collection: str, keys: list[str] | None) -> tuple[int, int]:
         """Drop clean cached copies (never a pending write); returns (dropped, skipped)."""
-        k = self.keys
         floor_ttl = max(60_000, int(self.settings.pg_timeout_seconds * 4000))
         dropped = skipped = 0
 
         async def run(members: list[str]) -> None:
+            # One script per shard: a script's keys live in one slot.
             nonlocal dropped, skipped
-            names = [k.dirty, k.inflight, k.dead]
-            for m in members:
-                names += [k.member_entry(m), k.member_floor(m)]
-            res = await self.scripts.invalidate(keys=names, args=[floor_ttl, *members])
-            dropped += int(res[0])
-            skipped += int(res[1])
+            for shard, group in self.shards.group(members).items():
+                k = self.shards[shard]
+                names = [k.dirty, k.inflight, k.dead]
+                for m in group:
+                    names += [k.member_entry(m), k.member_floor(m)]
+                res = await self.scripts.invalidate(keys=names, args=[floor_ttl, *group])
+                dropped += int(res[0])
+                skipped += int(res[1])
 
         if keys is not None:
             for i in range(0, len(keys), 500):
                 await run([member(collection, key) for key in keys[i : i + 500]])
         else:
-            pattern = f"{_glob_escape(k.entry_prefix)}{collection}:*"
             chunk: list[str] = []
-            async for raw in self.redis.scan_iter(match=pattern, count=1000):
-                chunk.append(_s(raw)[len(k.entry_prefix) :])
+            async for raw in self.redis.scan_iter(match=self._entries_of(collection), count=1000):
+                m = self.shards.member_of_entry(_s(raw))
+                if m is not None:
+                    chunk.append(m)
                 if len(chunk) >= 500:
                     await run(chunk)
                     chunk = []
             if chunk:
                 await run(chunk)
         return dropped, skipped
+
+    def _entries_of(self, collection: str) -> str:
+        """A SCAN pattern for the cache entries of ``collection``, in every shard."""
+        any_shard = self.shards.any
+        if not self.shards.tagged:
+            return f"{_glob_escape(any_shard.entry_prefix)}{_glob_escape(collection)}:*"
+        return f"{_glob_escape(any_shard.prefix)}{{*}}:e:{_glob_escape(collection)}:*"

@@ -4,6 +4,12 @@ script by them), never built inside the script.
 
 A record is addressed by its *member* string ``collection:key``: collections never hold
 ``:``, so the first ``:`` splits it, and ``<prefix>e:<member>`` is its cache entry.
+
+With shards (service/core/shards.py), a member's keys and its shard's queue carry the
+shard's hash tag after the prefix, ``wb:{3a}:e:users:alice``, ``wb:{3a}:dirty``: every
+script's keys then live in one Redis Cluster slot. ``tag`` is empty without shards, which
+leaves every name exactly as it was before shards existed. The few keys no script touches
+with a shard's keys (workers, readiness probe, last error, arq's queue) carry no tag.
 """
 
 from __future__ import annotations
@@ -23,41 +29,46 @@ def split_member(m: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Keys:
     prefix: str
+    tag: str = ""  # "{<shard tag>}:" with shards, else ""
+
+    @property
+    def shard_prefix(self) -> str:
+        return self.prefix + self.tag
 
     def entry(self, collection: str, key: str) -> str:
         """Hash: v = version, d = canonical document (absent for a tombstone), t = 1 if deleted,
         p = highest version known committed. No TTL while dirty."""
-        return f"{self.prefix}e:{collection}:{key}"
+        return f"{self.shard_prefix}e:{collection}:{key}"
 
     def member_entry(self, m: str) -> str:
         """The entry of member ``m`` (``collection:key``), as ``entry`` names it."""
-        return f"{self.prefix}e:{m}"
+        return f"{self.shard_prefix}e:{m}"
 
     @property
     def entry_prefix(self) -> str:
-        return f"{self.prefix}e:"
+        return f"{self.shard_prefix}e:"
 
     def floor(self, collection: str, key: str) -> str:
         """Short-lived lower bound for cache fills after an invalidation."""
-        return f"{self.prefix}f:{collection}:{key}"
+        return f"{self.shard_prefix}f:{collection}:{key}"
 
     def member_floor(self, m: str) -> str:
         """The fill floor of member ``m``, as ``floor`` names it."""
-        return f"{self.prefix}f:{m}"
+        return f"{self.shard_prefix}f:{m}"
 
     @property
     def floor_prefix(self) -> str:
-        return f"{self.prefix}f:"
+        return f"{self.shard_prefix}f:"
 
     @property
     def dirty(self) -> str:
         """ZSET member -> ms when it became dirty: the write-behind queue."""
-        return f"{self.prefix}dirty"
+        return f"{self.shard_prefix}dirty"
 
     @property
     def inflight(self) -> str:
         """HASH member -> batch id holding it."""
-        return f"{self.prefix}inflight"
+        return f"{self.shard_prefix}inflight"
 
     @property
     def pending_counts(self) -> str:
@@ -67,31 +78,31 @@ class Keys:
         ``inflight`` (write, claim, release, deadletters) adjusts its collection's field by
         the same amount in the same script, so the sum of the fields is ``pending`` and
         /v1/stats reads pending per collection in O(collections). A field at 0 is removed."""
-        return f"{self.prefix}pendingc"
+        return f"{self.shard_prefix}pendingc"
 
     @property
     def leases(self) -> str:
         """ZSET batch id -> lease expiry (ms)."""
-        return f"{self.prefix}leases"
+        return f"{self.shard_prefix}leases"
 
     @property
     def batch_age(self) -> str:
         """ZSET batch id -> oldest dirty time (ms) in the batch."""
-        return f"{self.prefix}batchage"
+        return f"{self.shard_prefix}batchage"
 
     def batch(self, batch_id: str) -> str:
         """HASH: member -> dirty time (ms), for each member batch ``batch_id`` holds."""
-        return f"{self.prefix}b:{batch_id}"
+        return f"{self.shard_prefix}b:{batch_id}"
 
     @property
     def dead(self) -> str:
         """HASH member -> JSON description of the dead-lettered write."""
-        return f"{self.prefix}dead"
+        return f"{self.shard_prefix}dead"
 
     @property
     def wake(self) -> str:
         """Set while a flush wake-up job is scheduled, so writes enqueue one per window."""
-        return f"{self.prefix}wake"
+        return f"{self.shard_prefix}wake"
 
     @property
     def workers(self) -> str:
@@ -101,12 +112,12 @@ class Keys:
     @property
     def counters(self) -> str:
         """HASH of global counters (flushed, failures, retries, hits, misses, ...)."""
-        return f"{self.prefix}counters"
+        return f"{self.shard_prefix}counters"
 
     @property
     def flush_log(self) -> str:
         """ZSET of recent flush batches (score ms, member "ms:count:id") for rates."""
-        return f"{self.prefix}flushlog"
+        return f"{self.shard_prefix}flushlog"
 
     @property
     def ready_probe(self) -> str:

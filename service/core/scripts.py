@@ -10,12 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.resources import files
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from service.adapters.redis import AnyRedis
 
 
 def _source(name: str) -> str:
     return (files("service.core") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def script(redis: AnyRedis, source: str) -> AsyncScript:
+    """``register_script`` for either client: redis-py's AsyncScript works with a
+    ``RedisCluster`` too (EVALSHA routed by its keys; SCRIPT LOAD, after NOSCRIPT, sent to
+    every primary), though it is typed for ``Redis`` alone."""
+    return AsyncScript(redis, source)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -31,15 +39,15 @@ class Scripts:
     heartbeat: AsyncScript
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
+    def register(cls, redis: AnyRedis) -> Scripts:
         return cls(
-            write=redis.register_script(_source("write")),
-            fill=redis.register_script(_source("fill")),
-            candidates=redis.register_script(_source("candidates")),
-            take_over=redis.register_script(_source("takeover")),
-            claim=redis.register_script(_source("claim")),
-            release=redis.register_script(_source("release")),
-            invalidate=redis.register_script(_source("invalidate")),
-            dead_letters=redis.register_script(_source("deadletters")),
-            heartbeat=redis.register_script(_source("heartbeat")),
+            write=script(redis, _source("write")),
+            fill=script(redis, _source("fill")),
+            candidates=script(redis, _source("candidates")),
+            take_over=script(redis, _source("takeover")),
+            claim=script(redis, _source("claim")),
+            release=script(redis, _source("release")),
+            invalidate=script(redis, _source("invalidate")),
+            dead_letters=script(redis, _source("deadletters")),
+            heartbeat=script(redis, _source("heartbeat")),
         )

@@ -8,7 +8,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from service.adapters.redis import AnyRedis
 from service.core.redis_keys import Keys
+from service.core.scripts import script
+from service.core.shards import Shards
 
 WORKER_ALIVE_MS = 15_000
 # Pending per collection is counted from the members themselves, up to this many, only
@@ -24,14 +27,26 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call
 """
 
 
-async def pending_by_collection(redis: Redis, keys: Keys) -> dict[str, Any]:
-    """Pending keys per collection (dirty + in flight), from the counts the scripts keep
-    (``Keys.pending_counts``): O(collections), whatever the queue's size. ``exact`` is
-    True when they add up to ``pending``, read at the same moment; otherwise (a
+async def pending_by_collection(redis: AnyRedis, shards: Shards) -> dict[str, Any]:
+    """Pending keys per collection (dirty + in flight), added up over the shards."""
+    counts: dict[str, int] = {}
+    exact = True
+    for keys in shards:
+        shard = await _shard_pending_by_collection(redis, keys)
+        exact = exact and shard["exact"]
+        for collection, n in shard["counts"].items():
+            counts[collection] = counts.get(collection, 0) + n
+    return {"counts": dict(sorted(counts.items())), "exact": exact}
+
+
+async def _shard_pending_by_collection(redis: AnyRedis, keys: Keys) -> dict[str, Any]:
+    """Pending keys per collection (dirty + in flight) of one shard, from the counts the
+    scripts keep (``Keys.pending_counts``): O(collections), whatever the queue's size.
+    ``exact`` is True when they add up to ``pending``, read at the same moment; otherwise (a
     queue older than the counts, until it drains) the members are counted instead, exactly
     up to PER_COLLECTION_LIMIT keys."""
-    script = redis.register_script(_PENDING_COUNTS)
-    flat, dirty_total, inflight_total = await script(
+    counts_script = script(redis, _PENDING_COUNTS)
+    flat, dirty_total, inflight_total = await counts_script(
         keys=[keys.pending_counts, keys.dirty, keys.inflight]
     )
     pairs = zip(flat[::2], flat[1::2], strict=True)
@@ -41,7 +56,7 @@ async def pending_by_collection(redis: Redis, keys: Keys) -> dict[str, Any]:
     return await _count_members(redis, keys)
 
 
-async def _count_members(redis: Redis, keys: Keys) -> dict[str, Any]:
+async def _count_members(redis: AnyRedis, keys: Keys) -> dict[str, Any]:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrange(keys.dirty, 0, PER_COLLECTION_LIMIT - 1)
         pipe.zcard(keys.dirty)
@@ -63,46 +78,59 @@ def _number(raw: bytes) -> float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
-async def redis_now_ms(redis: Redis) -> int:
+async def redis_now_ms(redis: AnyRedis) -> int:
     """Redis' clock in ms: the one clock every process compares times with (the scripts
     stamp dirty marks, leases and the flush log with ``TIME``; workers their heartbeats)."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def collect(redis: Redis, keys: Keys, raw_counters: bool = False) -> dict[str, Any]:
+# What collect reads of each shard, in its pipeline's order.
+_PER_SHARD = 8
+
+
+async def collect(
+    redis: AnyRedis, shards: Shards, raw_counters: bool = False, arq: Redis | None = None
+) -> dict[str, Any]:
+    """The numbers of every shard, added up (pending, counters, flush log), in one round
+    trip (one per node on a Cluster). ``arq``: where flush wake-up jobs queue, if not
+    REDIS_URL's Redis (a Cluster's ARQ_REDIS_URL); on a Cluster without it, none queue."""
     # Redis' clock, which stamps dirty marks, batch ages, heartbeats and the flush log: an
     # API host's skewed clock must not make live workers look dead or ages look wrong.
     now = await redis_now_ms(redis)
+    keys = shards.any
+    # arq's queue is read in the same round trip when it lives in REDIS_URL's Redis.
+    queue_here = arq is None and isinstance(redis, Redis)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.dirty)
-        pipe.hlen(keys.inflight)
-        pipe.zrange(keys.dirty, 0, 0, withscores=True)
-        pipe.zrange(keys.batch_age, 0, 0, withscores=True)
-        pipe.hlen(keys.dead)
+        for k in shards:
+            pipe.zcard(k.dirty)
+            pipe.hlen(k.inflight)
+            pipe.zrange(k.dirty, 0, 0, withscores=True)
+            pipe.zrange(k.batch_age, 0, 0, withscores=True)
+            pipe.hlen(k.dead)
+            pipe.hgetall(k.counters)
+            pipe.zcard(k.leases)
+            pipe.zrangebyscore(k.flush_log, now - 60_000, "+inf")
         pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
-        pipe.hgetall(keys.counters)
-        pipe.zcard(keys.arq_queue)
-        pipe.zcard(keys.leases)
-        pipe.zrangebyscore(keys.flush_log, now - 60_000, "+inf")
         pipe.get(keys.last_error)
+        if queue_here:
+            pipe.zcard(keys.arq_queue)
         results = await pipe.execute()
-    (
-        dirty,
-        inflight,
-        oldest_dirty,
-        oldest_batch,
-        dead,
-        workers,
-        counters_raw,
-        queued,
-        batches,
-        recent,
-        last_error,
-    ) = results
-
-    oldest = [int(s) for _, s in (oldest_dirty + oldest_batch)]
-    counters = {k.decode(): _number(v) for k, v in counters_raw.items()}
+    queued = results.pop() if queue_here else 0
+    if arq is not None:
+        queued = await arq.zcard(keys.arq_queue)
+    workers, last_error = results[-2:]
+    dirty = inflight = dead = batches = 0
+    oldest: list[int] = []
+    counters: dict[str, float] = {}
+    recent: list[bytes] = []
+    for i in range(0, len(results) - 2, _PER_SHARD):
+        d, f, oldest_dirty, oldest_batch, dl, counters_raw, b, r = results[i : i + _PER_SHARD]
+        dirty, inflight, dead, batches = dirty + d, inflight + f, dead + dl, batches + b
+        oldest += [int(s) for _, s in (oldest_dirty + oldest_batch)]
+        for name, value in counters_raw.items():
+            counters[name.decode()] = counters.get(name.decode(), 0) + _number(value)
+        recent += r
     hits, misses = counters.get("hits", 0), counters.get("misses", 0)
     flushed_last_minute = sum(int(m.split(b":")[1]) for m in recent)
     out = {

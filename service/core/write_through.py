@@ -55,7 +55,8 @@ class WriteThrough:
             log.debug("write-through ended after its deadline: %s", task.exception())
 
     async def _run(self, m: str, version: int, deadline: float) -> Outcome:
-        entry = self.flusher.keys.entry(*split_member(m))
+        keys = self.flusher.shards.for_member(m)
+        entry = keys.entry(*split_member(m))
         claimed = False
         delay = 0.002
         while True:
@@ -68,7 +69,7 @@ class WriteThrough:
                         await self.flusher.flush_batch(batch, deadline)
                 async with self.flusher.redis.pipeline(transaction=False) as pipe:
                     pipe.hget(entry, "p")
-                    pipe.hexists(self.flusher.keys.dead, m)
+                    pipe.hexists(keys.dead, m)
                     persisted, dead = await pipe.execute()
                 if persisted is not None and int(persisted) >= version:
                     return Outcome.COMMITTED

@@ -407,20 +407,20 @@ class Up:
 
     def _pending(self) -> int | None:
         """Writes not yet persisted, or None if Redis cannot say."""
-        from service.adapters.redis import create_redis
+        from service.adapters.redis import close_redis, connect_redis
         from service.config import Settings
         from service.core import stats
-        from service.core.redis_keys import Keys
+        from service.core.shards import Shards
 
         settings = Settings(redis_url=self.redis_url, database_url=self.database_url)
 
         async def collect() -> int:
-            redis = create_redis("up", settings)
+            redis = connect_redis("up", settings)
             try:
-                s = await stats.collect(redis, Keys(settings.redis_prefix))
+                s = await stats.collect(redis, Shards.from_settings(settings))
                 return int(s["pending"])
             finally:
-                await redis.aclose(close_connection_pool=True)
+                await close_redis(redis)
 
         try:
             return asyncio.run(collect())

@@ -17,6 +17,7 @@ import pytest
 from arq.worker import Worker
 
 from service.config import Settings
+from service.core.shards import Shards
 from tests.conftest import running_api, running_worker, wait_drained
 
 if TYPE_CHECKING:  # a class named Test* must not be collected as a test class
@@ -45,7 +46,7 @@ def c() -> str:
 
 
 def entry_key(settings: Settings, collection: str, key: str) -> str:
-    return f"{settings.redis_prefix}e:{collection}:{key}"
+    return Shards.from_settings(settings).for_record(collection, key).entry(collection, key)
 
 
 async def evict(redis: Any, settings: Settings, collection: str, key: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from arq.worker import Worker
 
 from service.config import Settings
 from tests.conftest import running_worker, wait_drained, wait_until
-from tests.support.procs import wbcache_argv
+from tests.support.procs import settings_env, wbcache_argv
 
 
 @dataclass
@@ -34,12 +33,7 @@ class Result:
 
 async def wbcache(settings: Settings, *args: str, timeout: float = 60.0) -> Result:
     """Run ``wbcache <args>`` without blocking this event loop (a worker may run in it)."""
-    env = dict(os.environ)
-    env.update(
-        REDIS_URL=settings.redis_url,
-        REDIS_PREFIX=settings.redis_prefix,
-        DATABASE_URL=settings.database_url,
-    )
+    env = settings_env(settings)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *wbcache_argv(*args),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from service.config import Settings
 from service.dev.embedded import free_port
 
 
@@ -20,6 +21,17 @@ def service_env(redis_url: str, database_url: str, prefix: str, **extra: str) ->
     env = dict(os.environ)
     env.update(REDIS_URL=redis_url, DATABASE_URL=database_url, REDIS_PREFIX=prefix)
     env.update(extra)
+    return env
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a service process ``settings``' Redis, Postgres, prefix
+    and shards."""
+    env = service_env(settings.redis_url, settings.database_url, settings.redis_prefix)
+    if settings.redis_shards is not None:
+        env["REDIS_SHARDS"] = str(settings.redis_shards)
+    if settings.arq_redis_url:
+        env["ARQ_REDIS_URL"] = settings.arq_redis_url
     return env
 
 
