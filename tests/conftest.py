@@ -29,11 +29,13 @@ from worker.settings import worker_settings
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--redis-topology",
-        choices=("standalone", "sentinel"),
+        choices=("standalone", "sentinel", "cluster"),
         default=os.environ.get("WBCACHE_TEST_REDIS_TOPOLOGY", "standalone"),
         help="standalone (default): WBCACHE_TEST_REDIS_URL or a throwaway redis-server; "
         "sentinel: a throwaway primary, replica and three Sentinels, REDIS_URL="
-        "redis+sentinel://... (e.g. for test_api_records.py, test_batch.py, test_cli.py)",
+        "redis+sentinel://... (e.g. for test_api_records.py, test_batch.py, test_cli.py); "
+        "cluster: a throwaway Redis Cluster, three primaries with a replica each, "
+        "REDIS_URL=redis+cluster://host:port,... (the seeds: the first primaries)",
     )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis
 
+from service.dev.cluster import ClusterTopology
 from service.dev.embedded import PostgresServer, RedisServer
 from service.dev.sentinel import SentinelTopology
 
@@ -27,7 +28,7 @@ DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/wbcache_test"
 class TestServers:
     redis_url: str
     database_url: str
-    owned: list[RedisServer | PostgresServer | SentinelTopology]
+    owned: list[RedisServer | PostgresServer | SentinelTopology | ClusterTopology]
 
     def close(self) -> None:
         for server in self.owned:
@@ -87,17 +88,24 @@ async def recreate_database(url: str) -> None:
 
 def start_test_servers(redis_topology: str = "standalone") -> TestServers:
     """``redis_topology`` "sentinel": a throwaway primary, replica and three Sentinels
-    (service/dev/sentinel.py), reached through ``redis+sentinel://``, whatever
+    (service/dev/sentinel.py), reached through ``redis+sentinel://``; "cluster": a
+    throwaway Redis Cluster of three primaries with a replica each
+    (service/dev/cluster.py), reached through ``redis+cluster://``; either whatever
     WBCACHE_TEST_REDIS_URL says."""
     redis_url = os.environ.get("WBCACHE_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
     database_url = os.environ.get("WBCACHE_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
-    owned: list[RedisServer | PostgresServer | SentinelTopology] = []
+    owned: list[RedisServer | PostgresServer | SentinelTopology | ClusterTopology] = []
     base = Path(tempfile.mkdtemp(prefix="wbcache-test-servers-"))
     if redis_topology == "sentinel":
         topology = SentinelTopology(base / "sentinel")
         topology.start()
         owned.append(topology)
         redis_url = topology.url
+    elif redis_topology == "cluster":
+        cluster = ClusterTopology(base / "cluster", primaries=3, replicas_per_primary=1)
+        cluster.start()
+        owned.append(cluster)
+        redis_url = cluster.url
     elif not _redis_answers(redis_url):
         r = RedisServer(base / "redis", appendonly=True)
         r.start()
