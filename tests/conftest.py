@@ -18,7 +18,7 @@ import pytest
 from arq.worker import Worker
 
 from service.adapters.migrate import migrate
-from service.adapters.redis import create_redis
+from service.adapters.redis import close_redis, connect_redis
 from service.api.app import create_app
 from service.config import Settings
 from tests.support.procs import ApiProc, WorkerProc, service_env
@@ -35,13 +35,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "sentinel: a throwaway primary, replica and three Sentinels, REDIS_URL="
         "redis+sentinel://... (e.g. for test_api_records.py, test_batch.py, test_cli.py); "
         "cluster: a throwaway Redis Cluster, three primaries with a replica each, "
-        "REDIS_URL=redis+cluster://host:port,... (the seeds: the first primaries)",
+        "REDIS_URL=redis+cluster://host:port,... (the seeds: the first primaries), with "
+        "ARQ_REDIS_URL the standalone test Redis",
+    )
+    parser.addoption(
+        "--redis-shards",
+        type=int,
+        default=int(os.environ.get("WBCACHE_TEST_REDIS_SHARDS", "0")) or None,
+        help="REDIS_SHARDS of the services under test (default: the service's own default)",
     )
 
 
 @pytest.fixture(scope="session")
 def servers(request: pytest.FixtureRequest) -> Iterator[TestServers]:
     s = start_test_servers(request.config.getoption("--redis-topology"))
+    s.shards = request.config.getoption("--redis-shards")
     asyncio.run(recreate_database(s.database_url))
     migrate(s.database_url)
     yield s
@@ -60,6 +68,8 @@ def settings_factory(servers: TestServers, prefix: str) -> Callable[..., Setting
             "redis_url": servers.redis_url,
             "database_url": servers.database_url,
             "redis_prefix": prefix,
+            "redis_shards": servers.shards,
+            "arq_redis_url": servers.arq_redis_url,
             "write_delay_ms": 50,
             "sweep_seconds": 1,
             "lease_seconds": 3.0,
@@ -86,12 +96,12 @@ async def pg(servers: TestServers) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Any]:
-    client = create_redis("test", settings)
+    client = connect_redis("test", settings)
     yield client
     # Leave nothing behind under this test's prefix.
     async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
         await client.delete(k)
-    await client.aclose(close_connection_pool=True)
+    await close_redis(client)
 
 
 @contextlib.asynccontextmanager
@@ -172,12 +182,24 @@ def procs(
     """Start real ``wbcache serve`` / ``wbcache worker`` processes; all stopped at the end."""
     started: list[ApiProc | WorkerProc] = []
 
+    topology: dict[str, str] = {}
+    if servers.shards is not None:
+        topology["REDIS_SHARDS"] = str(servers.shards)
+    if servers.arq_redis_url:
+        topology["ARQ_REDIS_URL"] = servers.arq_redis_url
+
     def start(kind: str, **env: str) -> ApiProc | WorkerProc:
         e = service_env(
             env.pop("redis_url", servers.redis_url),
             env.pop("database_url", servers.database_url),
             prefix,
-            **{"WRITE_DELAY_MS": "50", "SWEEP_SECONDS": "1", "LEASE_SECONDS": "3", **env},
+            **{
+                "WRITE_DELAY_MS": "50",
+                "SWEEP_SECONDS": "1",
+                "LEASE_SECONDS": "3",
+                **topology,
+                **env,
+            },
         )
         log = tmp_path / f"{kind}-{len(started)}.log"
         p: ApiProc | WorkerProc = ApiProc(e, log) if kind == "api" else WorkerProc(e, log)

@@ -12,9 +12,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from service.adapters.postgres import PgPool
 from service.adapters.redis import AnyRedis
@@ -159,13 +161,7 @@ class Flusher:
         """The shards with a due dirty key or a lease run out, in one round trip (per
         node, on a Cluster): the claim scripts check again, atomically; this only spares
         a claim's round trips to idle shards."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for k in self.shards:
-                pipe.zrange(k.dirty, 0, 0, withscores=True)
-                pipe.zrange(k.leases, 0, 0, withscores=True)
-            (seconds, micros), *firsts = await pipe.execute()
-        now = int(seconds) * 1000 + int(micros) // 1000
+        now, firsts = await self._now_and_firsts(with_leases=True)
         due = now - self.settings.write_delay_ms
         busy = []
         for shard in range(self.shards.count):
@@ -522,14 +518,29 @@ class Flusher:
 
     async def next_ready_in_ms(self) -> int | None:
         """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for k in self.shards:
-                pipe.zrange(k.dirty, 0, 0, withscores=True)
-            (seconds, micros), *firsts = await pipe.execute()
+        now, firsts = await self._now_and_firsts(with_leases=False)
         oldest = [int(first[0][1]) for first in firsts if first]
         if not oldest:
             return None
         # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
         due = min(oldest) + self.settings.write_delay_ms
-        return max(0, due - (int(seconds) * 1000 + int(micros) // 1000))
+        return max(0, due - now)
+
+    async def _now_and_firsts(self, with_leases: bool) -> tuple[int, list[Any]]:
+        """Redis' clock (ms) and, per shard, its oldest dirty mark (and its earliest lease
+        expiry): one round trip on one Redis. A Cluster pipeline refuses TIME (it has no
+        key to route by), so there TIME goes first, on its own, to any node."""
+        cluster = isinstance(self.redis, RedisCluster)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if not cluster:
+                pipe.time()
+            for k in self.shards:
+                pipe.zrange(k.dirty, 0, 0, withscores=True)
+                if with_leases:
+                    pipe.zrange(k.leases, 0, 0, withscores=True)
+            if cluster:
+                seconds, micros = await self.redis.time()
+                firsts: list[Any] = await pipe.execute()
+            else:
+                (seconds, micros), *firsts = await pipe.execute()
+        return int(seconds) * 1000 + int(micros) // 1000, firsts

@@ -320,7 +320,9 @@ class RecordStore:
         assert isinstance(cluster, RedisCluster)
         async with cluster.pipeline() as pipe:
             for keys, args in commands:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                # redis-py refuses pipe.evalsha() in Cluster mode, though its pipeline
+                # routes EVALSHA by the keys like any keyed command.
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             raws: list[Any] = await pipe.execute(raise_on_error=False)
         if not self._replicas:
             return raws, [None] * len(raws)

@@ -29,6 +29,9 @@ class TestServers:
     redis_url: str
     database_url: str
     owned: list[RedisServer | PostgresServer | SentinelTopology | ClusterTopology]
+    # With a Cluster: the standalone Redis for arq's wake-ups (ARQ_REDIS_URL).
+    arq_redis_url: str | None = None
+    shards: int | None = None  # REDIS_SHARDS of the services under test (None: default)
 
     def close(self) -> None:
         for server in self.owned:
@@ -101,19 +104,22 @@ def start_test_servers(redis_topology: str = "standalone") -> TestServers:
         topology.start()
         owned.append(topology)
         redis_url = topology.url
-    elif redis_topology == "cluster":
-        cluster = ClusterTopology(base / "cluster", primaries=3, replicas_per_primary=1)
-        cluster.start()
-        owned.append(cluster)
-        redis_url = cluster.url
-    elif not _redis_answers(redis_url):
+    arq_redis_url = None
+    if redis_topology in ("standalone", "cluster") and not _redis_answers(redis_url):
         r = RedisServer(base / "redis", appendonly=True)
         r.start()
         owned.append(r)
         redis_url = r.url
+    if redis_topology == "cluster":
+        # The standalone test Redis holds arq's wake-up queue (ARQ_REDIS_URL).
+        arq_redis_url = redis_url
+        cluster = ClusterTopology(base / "cluster", primaries=3, replicas_per_primary=1)
+        cluster.start()
+        owned.append(cluster)
+        redis_url = cluster.url
     if not asyncio.run(_postgres_answers(database_url)):
         p = PostgresServer(base / "postgres", fsync=False)
         p.start()
         owned.append(p)
         database_url = _with_database(p.url, "wbcache_test")
-    return TestServers(redis_url, database_url, owned)
+    return TestServers(redis_url, database_url, owned, arq_redis_url)
