@@ -54,8 +54,10 @@ async def ensure_database(database_url: str) -> bool:
         quoted = '"' + name.replace('"', '""') + '"'
         await conn.execute(f"CREATE DATABASE {quoted} ENCODING 'UTF8' TEMPLATE template0")
         return True
-    except asyncpg.DuplicateDatabaseError:
-        return False  # another migrate created it at the same moment
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another migrate created it at the same moment: 42P04 when its commit came
+        # first, a unique violation on pg_database's name when both were in flight.
+        return False
     finally:
         await conn.close()
 
