@@ -35,13 +35,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "sentinel: a throwaway primary, replica and three Sentinels, REDIS_URL="
         "redis+sentinel://... (e.g. for test_api_records.py, test_batch.py, test_cli.py)",
     )
+    parser.addoption(
+        "--pg-hash-partitions",
+        type=int,
+        default=int(os.environ.get("WBCACHE_TEST_PG_HASH_PARTITIONS", "0")) or None,
+        metavar="N",
+        help="migrate the test database with --hash-partitions N, so the suites run "
+        "against a hash-partitioned records table (default: a plain table)",
+    )
 
 
 @pytest.fixture(scope="session")
 def servers(request: pytest.FixtureRequest) -> Iterator[TestServers]:
     s = start_test_servers(request.config.getoption("--redis-topology"))
     asyncio.run(recreate_database(s.database_url))
-    migrate(s.database_url)
+    migrate(s.database_url, request.config.getoption("--pg-hash-partitions"))
     yield s
     s.close()
 
