@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -278,6 +279,55 @@ async def test_concurrent_runs_asking_for_different_layouts_one_wins(
     assert p is not None and len(p.children) == winner
     loser = runs[1] if winner == 8 else runs[0]
     assert f"into {winner} partitions" in loser.stderr, loser
+
+
+CONVERT = Path(__file__).resolve().parents[2] / "deploy/postgres/hash_partition_records.sql"
+
+
+async def _convert(url: str, n: int) -> None:
+    """deploy/postgres/hash_partition_records.sql, as ``psql -v partitions=N -f`` runs it."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(CONVERT.read_text().replace(":'partitions'", f"'{n}'"))
+    finally:
+        await conn.close()
+
+
+async def test_offline_conversion_gives_the_layout_migrate_makes(
+    fresh_db: Callable[[str], str],
+) -> None:
+    url, made = fresh_db("conv"), fresh_db("convref")
+    assert (await wbcache_migrate(url)).code == 0
+    assert (await wbcache_migrate(made, "--hash-partitions", "8")).code == 0
+    plain_shape = await _shape(url, "records")
+    conn = await asyncpg.connect(url)
+    await conn.execute(
+        "INSERT INTO records SELECT 'c' || (i % 7), 'k' || i, jsonb_build_object('i', i), i, "
+        "now() FROM generate_series(1, 3000) i"
+    )
+    before = await conn.fetch("SELECT * FROM records ORDER BY collection, key")
+    await conn.close()
+
+    await _convert(url, 8)
+    _is_hash_8(await partitions(url))
+    assert await _shape(url, "records") == plain_shape == await _shape(made, "records")
+    for i in range(8):
+        assert await _shape(url, f"records_p{i}") == await _shape(made, f"records_p{i}")
+    r = await wbcache_migrate(url, "--hash-partitions", "8")
+    assert r.code == 0, r
+    assert (await wbcache_migrate(url, "--hash-partitions", "4")).code == 2
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetch("SELECT * FROM records ORDER BY collection, key") == before
+        assert await conn.fetchval("SELECT count(*) FROM records_plain") == 3000
+        assert await conn.fetchval("SELECT count(DISTINCT tableoid) FROM records") == 8
+    finally:
+        await conn.close()
+
+    # Run again on the partitioned table: refused, nothing changed.
+    with pytest.raises(asyncpg.RaiseError, match="already partitioned"):
+        await _convert(url, 8)
+    _is_hash_8(await partitions(url))
 
 
 @pytest.mark.parametrize("n", ["1", "0", "1025", "eight"])
