@@ -36,15 +36,37 @@ def _settings(redis_url: str | None = None, database_url: str | None = None) -> 
 
 
 @app.command()
-def migrate(database_url: DbOpt = None) -> None:
-    """Create the database if missing and apply the migrations (alembic upgrade head)."""
+def migrate(
+    database_url: DbOpt = None,
+    hash_partitions: Annotated[
+        int | None,
+        typer.Option(
+            "--hash-partitions",
+            min=2,
+            max=1024,
+            metavar="N",
+            help="Create records PARTITION BY HASH (collection, key) into N partitions "
+            "(records_p0 ...). Only when records does not exist yet: with the "
+            "same N again it is a no-op, with another layout it is refused (exit 2).",
+        ),
+    ] = None,
+) -> None:
+    """Create the database if missing and apply the migrations (alembic upgrade head).
+    Idempotent; safe when several run at once. Exit 2 when the settings are invalid or
+    records exists with another layout than --hash-partitions asks for (converting is an
+    offline job: docs/scaling.md, "Past one Postgres")."""
     from service.adapters.logs import setup
     from service.adapters.migrate import migrate as run
+    from service.adapters.partitions import LayoutMismatch
 
     settings = _settings(database_url=database_url)
     setup(settings.log_level, settings.log_json)
-    run(settings.database_url)
-    typer.echo("migrations applied")
+    try:
+        layout = run(settings.database_url, hash_partitions)
+    except LayoutMismatch as exc:
+        typer.echo(f"wbcache migrate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo("migrations applied" + (f"; records is {layout.describe()}" if layout else ""))
 
 
 @app.command()

@@ -44,6 +44,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=int(os.environ.get("WBCACHE_TEST_REDIS_SHARDS", "0")) or None,
         help="REDIS_SHARDS of the services under test (default: the service's own default)",
     )
+    parser.addoption(
+        "--pg-hash-partitions",
+        type=int,
+        default=int(os.environ.get("WBCACHE_TEST_PG_HASH_PARTITIONS", "0")) or None,
+        metavar="N",
+        help="migrate the test database with --hash-partitions N, so the suites run "
+        "against a hash-partitioned records table (default: a plain table)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +59,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[TestServers]:
     s = start_test_servers(request.config.getoption("--redis-topology"))
     s.shards = request.config.getoption("--redis-shards")
     asyncio.run(recreate_database(s.database_url))
-    migrate(s.database_url)
+    migrate(s.database_url, request.config.getoption("--pg-hash-partitions"))
     yield s
     s.close()
 
