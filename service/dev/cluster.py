@@ -8,6 +8,7 @@ Each node's cluster bus port is chosen too (``--cluster-port``): the default, po
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,11 @@ _UNSETTLED = frozenset({"fail", "fail?", "handshake", "noaddr"})
 def slot_of(key: str | bytes) -> int:
     """The hash slot of ``key`` (hash tags included), as the cluster computes it."""
     return key_slot(key.encode() if isinstance(key, str) else key)
+
+
+def _key_in(slot: int) -> str:
+    """A key of the topology's own in ``slot``."""
+    return next(k for i in itertools.count() if slot_of(k := f"wbcache-topology:{i}") == slot)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -119,7 +125,11 @@ class ClusterTopology:
 
     A node that was killed can be started again (``node.start()``): it keeps its port,
     node id (``nodes.conf``) and AOF, and rejoins (a former primary as a replica of the
-    replica that replaced it)."""
+    replica that replaced it). ``stop()`` then ``start()`` brings the same cluster back.
+
+    Every question about roles and slots (``primaries()``, ``primary_for_slot()``,
+    ``replicas_of()``, ``slots_of()``) is asked of the running nodes (the picture most of
+    them share), so it follows failovers and reshardings."""
 
     def __init__(
         self,
@@ -188,24 +198,46 @@ class ClusterTopology:
         for node in self.nodes:
             self._ids[node.port] = str(self._ask(node, "CLUSTER", "MYID"))
         known = int(self._cluster_info(self.nodes[0])["cluster_known_nodes"])
-        if known == len(self.nodes):  # started again after stop(): nodes.conf has it all
-            self._wait(self._settled, deadline, "the cluster to be ready again")
-            return
-        # Distinct config epochs up front (as redis-cli does): no collision to resolve.
-        for epoch, node in enumerate(self.nodes, start=1):
-            self._ask(node, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
-        n = len(self._seeds)
-        for i, primary in enumerate(self._seeds):
-            first, last = SLOTS * i // n, SLOTS * (i + 1) // n - 1
-            self._ask(primary, "CLUSTER", "ADDSLOTSRANGE", first, last)
-        hub = self.nodes[0]
-        for node in self.nodes[1:]:
-            self._ask(node, "CLUSTER", "MEET", HOST, hub.port, self.bus_ports[hub.port])
-        self._wait(self._all_met, deadline, "every node to know every other")
-        for port, replicas in self._replicas_of_seed.items():
-            for replica in replicas:
-                self._ask(replica, "CLUSTER", "REPLICATE", self._ids[port])
+        if known < len(self.nodes):  # else started again after stop(): nodes.conf has it
+            # Distinct config epochs first (as redis-cli does): no collision to resolve.
+            for epoch, node in enumerate(self.nodes, start=1):
+                self._ask(node, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
+            n = len(self._seeds)
+            for i, primary in enumerate(self._seeds):
+                first, last = SLOTS * i // n, SLOTS * (i + 1) // n - 1
+                self._ask(primary, "CLUSTER", "ADDSLOTSRANGE", first, last)
+            hub = self.nodes[0]
+            for node in self.nodes[1:]:
+                self._ask(node, "CLUSTER", "MEET", HOST, hub.port, self.bus_ports[hub.port])
+            self._wait(self._all_met, deadline, "every node to know every other")
+            for port, replicas in self._replicas_of_seed.items():
+                for replica in replicas:
+                    self._ask(replica, "CLUSTER", "REPLICATE", self._ids[port])
+        self._wait(self._links_up, deadline, "every replica to sync with its primary")
+        self._wait(self._offsets_moved, deadline, "a write on every primary")
         self._wait(self._settled, deadline, "the cluster to be ready")
+
+    def _links_up(self) -> bool:
+        for node in self.nodes:
+            if node.running:
+                info = cast(dict[str, Any], self._ask(node, "INFO", "replication"))
+                if info["role"] != "master" and info.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def _offsets_moved(self) -> bool:
+        """Write and delete a key on every primary. A replica whose replication offset is
+        still 0 (its primary never wrote, as in a new cluster, or since a restart) is
+        "loading" to the cluster, and CLUSTER SLOTS leaves it out: clients would not know
+        it for up to ``repl-ping-replica-period`` (10 s)."""
+        for node in self.nodes:
+            if node.running:
+                mine = self._view_of(node)[self._ids[node.port]]
+                if mine.is_primary and mine.slots:
+                    key = _key_in(mine.slots[0][0])
+                    self._ask(node, "SET", key, "")
+                    self._ask(node, "DEL", key)
+        return True
 
     def _all_met(self) -> bool:
         want = set(self._ids.values())
@@ -234,7 +266,19 @@ class ClusterTopology:
                 info = cast(dict[str, Any], self._ask(node, "INFO", "replication"))
                 if info.get("master_link_status") != "up":
                     return False
+            # What clients get: CLUSTER SLOTS lists only the replicas SHARDS calls online.
+            if any(self._health(node).get(i, "online") != "online" for i in live_ids):
+                return False
         return len(shapes) == 1
+
+    def _health(self, node: RedisServer) -> dict[str, str]:
+        """Node id -> health ("online", "loading", "failed") in ``node``'s CLUSTER SHARDS."""
+        health: dict[str, str] = {}
+        for shard in self._ask(node, "CLUSTER", "SHARDS"):
+            for entry in dict(zip(shard[::2], shard[1::2], strict=True))["nodes"]:
+                fields = dict(zip(entry[::2], entry[1::2], strict=True))
+                health[str(fields["id"])] = str(fields["health"])
+        return health
 
     # -- state --------------------------------------------------------------------------
 
@@ -360,6 +404,10 @@ class ClusterTopology:
         others = [p for p in self.primaries() if p.port not in (source.port, target.port)]
         # Bytes in and out: GETKEYSINSLOT hands back key names MIGRATE must get unchanged.
         src = redis.Redis(host=HOST, port=source.port, socket_timeout=_MIGRATE_MS / 1000 + 5)
+        # REPLACE: a copy left on the target by an interrupted earlier run must not stop
+        # the move (BUSYKEY). Meanwhile the target only takes, after an ASK, keys that
+        # the source no longer has.
+        migrate = ("MIGRATE", HOST, target.port, "", 0, _MIGRATE_MS, "REPLACE", "KEYS")
         try:
             for slot in slots:
                 self._ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
@@ -369,20 +417,7 @@ class ClusterTopology:
                         raise EmbeddedServerError(
                             f"timed out migrating slot {slot} from {source!r} to {target!r}"
                         )
-                    # REPLACE: a key written on the target meanwhile (after an ASK) is
-                    # newer than none; a key on both is the source's, not yet moved.
-                    _call(
-                        src,
-                        "MIGRATE",
-                        HOST,
-                        target.port,
-                        "",
-                        0,
-                        _MIGRATE_MS,
-                        "REPLACE",
-                        "KEYS",
-                        *keys,
-                    )
+                    _call(src, *migrate, *keys)
                 # The target first: once it owns the slot, the source's ASK and then
                 # MOVED answers both lead clients to a node that serves it.
                 for node in [target, source, *others]:
