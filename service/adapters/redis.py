@@ -302,6 +302,11 @@ def connect_redis(process: str, settings: Settings, **kwargs: Any) -> AnyRedis:
         # A failover or a slot move is retried by redis-py (re-reading the slot map) this
         # many times before the error reaches the caller as a 503.
         cluster_error_retry_attempts=3,
+        # On MOVED, patch the one slot's owner instead of rebuilding the client every 5th
+        # time (the default): a rebuild replaces every node object and disconnects
+        # connections other tasks are using, which under concurrent load leaks connections
+        # and fails unrelated commands (seen in tests/integration/test_cluster_topology.py).
+        reinitialize_steps=0,
         **options,
     )
     return cluster

@@ -48,6 +48,16 @@ class ReplicasUnconfirmed(Unavailable):
 
 REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, ConnectionError)
 
+# A Redis Cluster between two states (a failover, a slot moving), once redis-py's own
+# retries (re-reading the slot map, following MOVED/ASK, waiting out TRYAGAIN) ran out:
+# CLUSTERDOWN, TRYAGAIN, its "TTL exhausted", a redirection loop, a slot no node serves.
+_CLUSTER_IN_FLUX = (
+    redis_errors.ClusterError,
+    redis_errors.TryAgainError,
+    redis_errors.AskError,
+    redis_errors.SlotNotCoveredError,
+)
+
 # SQLSTATE classes that will not heal by retrying: bad data (22), constraints (23).
 POISON_CLASSES = ("22", "23")
 
@@ -115,6 +125,11 @@ def classify(exc: BaseException, talking_to: str = "redis") -> Unavailable | Non
     charged to ``talking_to``: asyncpg raises them unwrapped, redis-py wraps its own."""
     if isinstance(exc, Unavailable):
         return exc
+    if isinstance(exc, _CLUSTER_IN_FLUX) or (
+        # redis-py's Cluster client when no startup node answers: the Cluster is down.
+        isinstance(exc, redis_errors.RedisClusterException) and "cannot be connected" in str(exc)
+    ):
+        return Unavailable("redis", f"the Redis Cluster is changing or down ({exc})")
     if isinstance(exc, redis_errors.RedisError):
         reply = _redis_reply(exc)
         if reply is not None:

@@ -76,3 +76,26 @@ def test_redis_unavailable_looks_through_causes() -> None:
     except RuntimeError as outer:
         assert redis_unavailable(outer)
     assert not redis_unavailable(RuntimeError("a bug"))
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        redis_errors.ClusterDownError("The cluster is down"),
+        redis_errors.TryAgainError("Multiple keys request during rehashing of slot"),
+        redis_errors.ClusterError("TTL exhausted."),
+        redis_errors.MovedError("3999 127.0.0.1:6381"),
+        redis_errors.AskError("3999 127.0.0.1:6381"),
+        redis_errors.SlotNotCoveredError('Slot "3999" is not covered by the cluster.'),
+        redis_errors.RedisClusterException("Redis Cluster cannot be connected. Please provide..."),
+    ],
+)
+def test_a_cluster_in_flux_is_a_503(exc: Exception) -> None:
+    found = classify(exc)
+    assert found is not None and found.dependency == "redis"
+    assert found.code == "redis_unavailable"
+
+
+def test_a_cluster_client_bug_is_not_a_503() -> None:
+    blocked = redis_errors.RedisClusterException("Calling pipelined function evalsha is blocked")
+    assert classify(blocked) is None
