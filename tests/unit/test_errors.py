@@ -81,11 +81,11 @@ def test_redis_unavailable_looks_through_causes() -> None:
 @pytest.mark.parametrize(
     "exc",
     [
-        redis_errors.ClusterDownError("The cluster is down"),
-        redis_errors.TryAgainError("Multiple keys request during rehashing of slot"),
+        redis_errors.ClusterDownError("The cluster is down"),  # type: ignore[no-untyped-call]
+        redis_errors.TryAgainError("Multiple keys request during rehashing of slot"),  # type: ignore[no-untyped-call]
         redis_errors.ClusterError("TTL exhausted."),
-        redis_errors.MovedError("3999 127.0.0.1:6381"),
-        redis_errors.AskError("3999 127.0.0.1:6381"),
+        redis_errors.MovedError("3999 127.0.0.1:6381"),  # type: ignore[no-untyped-call]
+        redis_errors.AskError("3999 127.0.0.1:6381"),  # type: ignore[no-untyped-call]
         redis_errors.SlotNotCoveredError('Slot "3999" is not covered by the cluster.'),
         redis_errors.RedisClusterException("Redis Cluster cannot be connected. Please provide..."),
     ],
