@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -28,11 +29,12 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call
 
 
 async def pending_by_collection(redis: AnyRedis, shards: Shards) -> dict[str, Any]:
-    """Pending keys per collection (dirty + in flight), added up over the shards."""
+    """Pending keys per collection (dirty + in flight), added up over the shards (asked
+    at once: on a Cluster, each node answers its shards in parallel)."""
     counts: dict[str, int] = {}
     exact = True
-    for keys in shards:
-        shard = await _shard_pending_by_collection(redis, keys)
+    per_shard = await asyncio.gather(*(_shard_pending_by_collection(redis, k) for k in shards))
+    for shard in per_shard:
         exact = exact and shard["exact"]
         for collection, n in shard["counts"].items():
             counts[collection] = counts.get(collection, 0) + n

@@ -17,6 +17,7 @@ from arq.worker import Worker
 
 from service.config import Settings
 from tests.conftest import running_api, wait_drained
+from tests.integration.test_api_records import entry_key
 
 if TYPE_CHECKING:  # a class named Test* must not be collected as a test class
     from tests.support.servers import TestServers
@@ -56,7 +57,7 @@ class Harness:
             return
         await wait_drained(self.api)
         _, collection, key = path.strip("/").split("/")[-3:]
-        await self.redis.delete(f"{self.settings.redis_prefix}e:{collection}:{key}")
+        await self.redis.delete(entry_key(self.settings, collection, key))
 
     async def etag(self, path: str) -> str:
         r = await self.api.get(path)
