@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
@@ -152,6 +152,7 @@ def install(app: FastAPI) -> None:
         DocumentError,
         Unavailable,
         RedisError,
+        RedisClusterException,  # redis-py's Cluster client: SlotNotCoveredError and others
         asyncpg.PostgresError,
         asyncpg.InterfaceError,
         OSError,

@@ -58,6 +58,17 @@ _CLUSTER_IN_FLUX = (
     redis_errors.SlotNotCoveredError,
 )
 
+
+def _cluster_unreachable(exc: BaseException) -> bool:
+    """redis-py's Cluster client (a RedisClusterException, not a RedisError) when it
+    re-reads the slot map and no node it knows answers ("cannot be connected"), or the
+    answers leave slots without a node ("All slots are not covered": a primary and its
+    replicas all down)."""
+    return isinstance(exc, redis_errors.RedisClusterException) and (
+        "cannot be connected" in str(exc) or str(exc).startswith("All slots are not covered")
+    )
+
+
 # SQLSTATE classes that will not heal by retrying: bad data (22), constraints (23).
 POISON_CLASSES = ("22", "23")
 
@@ -125,10 +136,7 @@ def classify(exc: BaseException, talking_to: str = "redis") -> Unavailable | Non
     charged to ``talking_to``: asyncpg raises them unwrapped, redis-py wraps its own."""
     if isinstance(exc, Unavailable):
         return exc
-    if isinstance(exc, _CLUSTER_IN_FLUX) or (
-        # redis-py's Cluster client when no startup node answers: the Cluster is down.
-        isinstance(exc, redis_errors.RedisClusterException) and "cannot be connected" in str(exc)
-    ):
+    if isinstance(exc, _CLUSTER_IN_FLUX) or _cluster_unreachable(exc):
         return Unavailable("redis", f"the Redis Cluster is changing or down ({exc})")
     if isinstance(exc, redis_errors.RedisError):
         reply = _redis_reply(exc)

@@ -99,3 +99,31 @@ def test_a_cluster_in_flux_is_a_503(exc: Exception) -> None:
 def test_a_cluster_client_bug_is_not_a_503() -> None:
     blocked = redis_errors.RedisClusterException("Calling pipelined function evalsha is blocked")
     assert classify(blocked) is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        redis_errors.MasterDownError("Link with MASTER is down"),  # type: ignore[no-untyped-call]
+        redis_errors.TryAgainError(),  # type: ignore[no-untyped-call]  # its message is empty
+        # A primary and all its replicas down: the slot map read leaves slots without a node.
+        redis_errors.RedisClusterException("All slots are not covered after query all nodes."),
+    ],
+)
+def test_more_of_a_cluster_in_flux_is_a_503(exc: Exception) -> None:
+    found = classify(exc)
+    assert found is not None and found.code == "redis_unavailable"
+    assert redis_unavailable(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        # Our bugs, not the Cluster's state: keys of one script in two slots, a command
+        # redis-py cannot route.
+        redis_errors.ClusterCrossSlotError("Keys in request don't hash to the same slot"),
+        redis_errors.RedisClusterException("No way to dispatch this command to Redis Cluster."),
+    ],
+)
+def test_cluster_errors_that_are_bugs_are_not_dependency_failures(exc: Exception) -> None:
+    assert classify(exc) is None
