@@ -36,8 +36,11 @@ checkout of a live pooled connection does not.
 A ``redis+cluster://`` URL gets redis-py's own ``RedisCluster`` client (``connect_redis``):
 it keeps the slot map, sends each command to the primary of its keys' slot, splits a
 pipeline by node (one round trip per node, in parallel), and follows ``MOVED`` and ``ASK``
-during a resharding and a failover. arq, which has no Cluster support, then gets its own
-standalone Redis (``ARQ_REDIS_URL``, ``create_arq_redis``) or none.
+during a resharding and a failover; ``ClusterClient`` turns what that failover handling
+does to concurrent commands (their connections closed under them: redis-py 5.3's
+AttributeError and RuntimeError) into the ConnectionError it stands for, a 503 rather
+than a 500. arq, which has no Cluster support, then gets its own standalone Redis
+(``ARQ_REDIS_URL``, ``create_arq_redis``) or none.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from typing import Any
 import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -254,6 +257,74 @@ def _sentinel_pool(url: SentinelUrl, options: dict[str, Any]) -> LeanSentinelPoo
     )
 
 
+def _closed_under_it(exc: BaseException) -> bool:
+    """Is ``exc`` what a Cluster command meets when another command's failure made
+    redis-py (5.3) close every connection of the client while this one was using one?
+
+    On a ConnectionError or CLUSTERDOWN (a failover; MOVED no longer, with
+    ``reinitialize_steps=0``), redis-py's ``RedisCluster`` re-reads the slot map after
+    ``NodesManager.aclose``, which disconnects every connection of every node, those in
+    use by concurrent commands included, and sets the default node to None; building the
+    new map closes the old nodes' connections again. A command caught in the middle fails
+    on the closed connection's missing writer or reader, on uvloop's closed transport, or
+    on the missing default node (in ``ClusterPipeline._execute``, after its commands
+    ran): redis-py issues #3835 and PR #3458, open. Its command may or may not have run,
+    exactly as when a connection drops: a ``ConnectionError`` says so (a 503)."""
+    # Anywhere in the message: a pipeline raising a command's error puts its own words first.
+    text = str(exc)
+    if isinstance(exc, AttributeError):
+        return "'NoneType' object has no attribute" in text
+    return isinstance(exc, RuntimeError) and "closed" in text
+
+
+def _connection_lost(exc: BaseException) -> RedisConnectionError:
+    lost = RedisConnectionError(
+        "the Redis Cluster client closed this command's connection while re-reading the "
+        f"slot map after a failover or a slot move ({type(exc).__name__}: {exc})"
+    )
+    lost.__cause__ = exc
+    return lost
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's ``RedisCluster``, with what its failover handling does to concurrent
+    commands (``_closed_under_it``) raised as the ``ConnectionError`` it stands for, and a
+    default node while the slot map is being re-read."""
+
+    def get_default_node(self) -> ClusterNode:
+        node = super().get_default_node()
+        if node is None:  # reset by another command's failure until initialize() runs
+            node = next(iter(self.nodes_manager.nodes_cache.values()), None)
+        return node
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, RuntimeError) as exc:
+            if _closed_under_it(exc):
+                raise _connection_lost(exc) from exc
+            raise
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # its refusals (transactions, hints)
+        return _ClusterPipeline(self)  # type: ignore[abstract]  # as redis-py makes its own
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            results: list[Any] = await super().execute(raise_on_error, allow_redirections)
+        except (AttributeError, RuntimeError) as exc:
+            if _closed_under_it(exc):
+                raise _connection_lost(exc) from exc
+            raise
+        # Errors in place (raise_on_error=False): one per command its node's round trip
+        # failed for.
+        return [_connection_lost(r) if _closed_under_it(r) else r for r in results]
+
+
 def _options(process: str, settings: Settings, kwargs: dict[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {
         "client_name": client_name(process),
@@ -295,7 +366,7 @@ def connect_redis(process: str, settings: Settings, **kwargs: Any) -> AnyRedis:
     url = parse_cluster_url(settings.redis_url)
     options = _options(process, settings, kwargs)
     options.pop("timeout", None)  # the blocking pool's wait: not a RedisCluster option
-    cluster: RedisCluster = RedisCluster(
+    cluster: RedisCluster = ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in url.nodes],
         username=url.username,
         password=url.password,
