@@ -6,6 +6,7 @@ It records, per key, every acknowledged (2xx) write with its version and the doc
 produced (PUT: the body sent; PATCH: the merged document the API answered; DELETE: gone).
 Answers that do not say whether the write happened (503, connection errors, timeouts) are
 not acknowledged: they are recorded as writes of unknown outcome and retried a few times.
+A 503 must carry Retry-After; ``refusals`` counts the 503s by their error code.
 
 ``Load.check`` then waits for ``pending == 0`` (bounded; ``dead_letters`` must be 0) and
 verifies, for every key, that Postgres holds exactly the acknowledged write with the highest
@@ -124,6 +125,14 @@ def etag_version(response: httpx.Response) -> int | None:
         return None
 
 
+def _error_code(response: httpx.Response) -> str:
+    """The ``error.code`` of an error answer's JSON body, or what stands in for it."""
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"no error code: {response.text[:80]!r}"
+
+
 def _doc(rng: random.Random, client: int, seq: int) -> Any:
     """A random document; mostly objects, with the JSON that trips naive code paths."""
     kind = rng.random()
@@ -188,6 +197,8 @@ class Load:
         self.timeout = timeout
         self.history: dict[str, KeyHistory] = {k: KeyHistory() for k in self.keys}
         self.counts: Counter[str] = Counter()
+        # The error codes of the 503s (redis_unavailable, replicas_unconfirmed, ...).
+        self.refusals: Counter[str] = Counter()
         self.problems: list[str] = []
         self.ryw_samples = 0
         self._ryw_404: list[tuple[str, int, float]] = []  # key, acked version, GET end
@@ -297,6 +308,9 @@ class Load:
             return "no", None
         if status == 503:
             self.counts[f"unknown {op} 503"] += 1
+            self.refusals[_error_code(r)] += 1
+            if not r.headers.get("retry-after", "").isdigit():
+                self._problem(f"{op} {key!r} answered 503 without Retry-After: {r.text[:300]}")
             self.history[key].unknown.append(
                 Write(op, key, None, body if op == "put" else None, started, ended, client)
             )
