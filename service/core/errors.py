@@ -136,6 +136,11 @@ def classify(exc: BaseException, talking_to: str = "redis") -> Unavailable | Non
     charged to ``talking_to``: asyncpg raises them unwrapped, redis-py wraps its own."""
     if isinstance(exc, Unavailable):
         return exc
+    if isinstance(exc, BaseExceptionGroup):
+        # A TaskGroup's (the flusher's concurrent loops): a dependency failure when every
+        # member is one, e.g. each loop lost its Redis connection; a bug if any member is.
+        found = [classify(member, talking_to) for member in exc.exceptions]
+        return found[0] if all(found) else None
     if isinstance(exc, _CLUSTER_IN_FLUX) or _cluster_unreachable(exc):
         return Unavailable("redis", f"the Redis Cluster is changing or down ({exc})")
     if isinstance(exc, redis_errors.RedisError):

@@ -127,3 +127,17 @@ def test_more_of_a_cluster_in_flux_is_a_503(exc: Exception) -> None:
 )
 def test_cluster_errors_that_are_bugs_are_not_dependency_failures(exc: Exception) -> None:
     assert classify(exc) is None
+
+
+def test_a_task_group_of_dependency_failures_is_one() -> None:
+    """The flusher runs its loops in a TaskGroup: Redis gone fails them with an
+    ExceptionGroup (seen killing a Cluster primary under a polling worker, which exited)."""
+    lost = redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:7000.")
+    group = ExceptionGroup("unhandled errors in a TaskGroup", [lost, TimeoutError("read")])
+    found = classify(group)
+    assert found is not None and found.code == "redis_unavailable"
+    assert redis_unavailable(group)
+    nested = ExceptionGroup("outer", [group, redis_errors.ClusterError("TTL exhausted.")])
+    assert classify(nested) is not None
+    # One bug among them: the group is a bug (raised, not retried).
+    assert classify(ExceptionGroup("g", [lost, KeyError("a bug")])) is None
