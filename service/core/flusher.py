@@ -407,11 +407,16 @@ class Flusher:
             if not await self._release_reliably(batch, committed, dead, deadline):
                 return False
         except asyncio.CancelledError:
-            # Shutting down, or a write-through out of time: hand the batch back so another
-            # worker takes it at once. If Redis cannot take it now, it stays in ``held``
-            # (the worker's shutdown tries again); else its lease runs out.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.release(batch, [], []))
+            # Shutting down, a write-through out of time, or another loop of the TaskGroup
+            # failed: hand the batch back so another worker takes it at once. If Redis
+            # cannot take it now, nobody flushes it any more: it leaves ``held``, so the
+            # heartbeat stops renewing its lease, which runs out, and a claim takes it over
+            # (kept in ``held``, the live worker's heartbeat kept it leased for ever).
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.release(batch, [], []))
+            finally:
+                self.held.discard(batch.id)
             raise
         duration = time.monotonic() - started
         try:

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.adapters.postgres import PgPool
 from service.adapters.redis import create_redis
@@ -195,6 +196,57 @@ async def test_write_through_answers_within_timeout_when_redis_dies_after_commit
         assert (await rows(pg, "wt")) == {"k": ({"a": 1}, int(r.headers["ETag"].strip('"')))}
     finally:
         await asyncio.to_thread(server.kill)
+
+
+async def test_a_cancelled_flush_that_cannot_hand_back_lets_its_lease_run_out(
+    api: httpx.AsyncClient,
+    settings_factory: Callable[..., Settings],
+    pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flush cancelled while Redis is unreachable (the flusher's TaskGroup cancels its
+    other loops when one fails) cannot hand its batch back. It must leave the batches the
+    heartbeat renews: kept there, its lease was renewed for as long as the worker lived
+    and nobody flushed it (a polling worker stuck with pending keys after a Cluster
+    primary's SIGKILL, tests/integration/test_cluster_chaos.py). Its lease runs out and
+    a claim takes it over."""
+    settings = settings_factory(lease_seconds=0.5)
+    client = create_redis("test-flusher", settings)
+    pool = PgPool("test-flusher", settings)
+    flusher = Flusher(client, pool, settings, Scripts.register(client))
+    try:
+        version = await put(api, "/v1/cancelled/k", {"a": 1})
+        batch = await wait_until(flusher.claim, timeout=5)
+        flushing = asyncio.Event()
+
+        async def stuck(*args: Any, **kwargs: Any) -> Any:
+            flushing.set()
+            await asyncio.Event().wait()
+
+        async def unreachable(*args: Any, **kwargs: Any) -> None:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:7000.")
+
+        with monkeypatch.context() as m:
+            m.setattr(flusher, "persist_once", stuck)
+            task = asyncio.create_task(flusher.flush_batch(batch))
+            await flushing.wait()
+            m.setattr(flusher, "release", unreachable)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert batch.id not in flusher.held
+
+        async def taken_over() -> Any:
+            await flusher.renew_leases("w")  # the heartbeat goes on meanwhile
+            return await flusher.claim()
+
+        again = await wait_until(taken_over, timeout=10, interval=0.1)
+        assert [(i.member, int(i.version)) for i in again.items] == [("cancelled:k", version)]
+        assert await flusher.flush_batch(again)
+        assert await rows(pg, "cancelled") == {"k": ({"a": 1}, version)}
+    finally:
+        await pool.close()
+        await client.aclose(close_connection_pool=True)
 
 
 # -- retries are counted ----------------------------------------------------------------
