@@ -288,8 +288,29 @@ def _connection_lost(exc: BaseException) -> RedisConnectionError:
 
 class ClusterClient(RedisCluster):
     """redis-py's ``RedisCluster``, with what its failover handling does to concurrent
-    commands (``_closed_under_it``) raised as the ``ConnectionError`` it stands for, and a
-    default node while the slot map is being re-read."""
+    commands (``_closed_under_it``) raised as the ``ConnectionError`` it stands for, a
+    default node while the slot map is being re-read, and the URL's nodes always among
+    those it asks for the slot map."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seeds = [(n.host, n.port) for n in self.nodes_manager.startup_nodes.values()]
+
+    async def initialize(self) -> RedisCluster:
+        """Re-read the slot map (when due), asking the URL's nodes too. redis-py drops a
+        node from the nodes it asks at each ConnectionError through it, the healthy nodes
+        whose connections it closed itself under concurrent commands included, and only a
+        successful read fills them again: once every one is gone, the client can never
+        connect again ("Redis Cluster cannot be connected. Please provide at least one
+        reachable node: None"), seen as an API answering 500 to every request for good
+        after a primary's SIGKILL."""
+        if self._initialize:
+            known = self.nodes_manager.startup_nodes
+            for host, port in self._seeds:
+                if f"{host}:{port}" not in known:
+                    node = ClusterNode(host, port, **self.connection_kwargs)
+                    known[node.name] = node
+        return await super().initialize()
 
     def get_default_node(self) -> ClusterNode:
         node = super().get_default_node()
@@ -309,7 +330,7 @@ class ClusterClient(RedisCluster):
         self, transaction: Any | None = None, shard_hint: Any | None = None
     ) -> ClusterPipeline:
         super().pipeline(transaction, shard_hint)  # its refusals (transactions, hints)
-        return _ClusterPipeline(self)  # type: ignore[abstract]  # as redis-py makes its own
+        return _ClusterPipeline(self)  # type: ignore[abstract]  # (the same)
 
 
 class _ClusterPipeline(ClusterPipeline):
@@ -366,7 +387,8 @@ def connect_redis(process: str, settings: Settings, **kwargs: Any) -> AnyRedis:
     url = parse_cluster_url(settings.redis_url)
     options = _options(process, settings, kwargs)
     options.pop("timeout", None)  # the blocking pool's wait: not a RedisCluster option
-    cluster: RedisCluster = ClusterClient(
+    # (mypy: a Cluster client has no connection_pool, which the type hints call abstract)
+    cluster: RedisCluster = ClusterClient(  # type: ignore[abstract]
         startup_nodes=[ClusterNode(host, port) for host, port in url.nodes],
         username=url.username,
         password=url.password,

@@ -1,14 +1,15 @@
-"""The Cluster client's failover workaround (service/adapters/redis.py ``ClusterClient``):
+"""The Cluster client's failover workarounds (service/adapters/redis.py ``ClusterClient``):
 what redis-py 5.3's ``RedisCluster`` raises in a command whose connection another
 command's failure closed becomes the ConnectionError it stands for (a 503), and nothing
-else is touched. No I/O: redis-py's own methods are replaced by stand-ins."""
+else is touched; the URL's nodes are asked for the slot map however many redis-py
+dropped. No I/O: redis-py's own methods are replaced by stand-ins."""
 
 from __future__ import annotations
 
 from typing import Any, cast
 
 import pytest
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.adapters.redis import ClusterClient
@@ -27,7 +28,9 @@ CLOSED_UNDER_IT = [
 
 def _client() -> ClusterClient:
     """A client that has not connected (nor will: every call below is a stand-in)."""
-    client: ClusterClient = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", 7000)])
+    client: ClusterClient = ClusterClient(  # type: ignore[abstract]  # as connect_redis makes it
+        startup_nodes=[ClusterNode("127.0.0.1", 7000), ClusterNode("127.0.0.1", 7001)]
+    )
     return client
 
 
@@ -93,7 +96,26 @@ async def test_a_pipeline_raises_or_answers_connection_error_in_place(
 
 def test_the_default_node_stays_known_while_the_slot_map_is_read_again() -> None:
     client = _client()
-    (node,) = client.nodes_manager.startup_nodes.values()
+    node = next(iter(client.nodes_manager.startup_nodes.values()))
     client.nodes_manager.nodes_cache = {node.name: node}
     cast(Any, client.nodes_manager).default_node = None  # as NodesManager.aclose() leaves it
     assert client.get_default_node() is node
+
+
+async def test_the_urls_nodes_are_asked_again_after_redis_py_dropped_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py drops a startup node at each ConnectionError through it; with all of them
+    gone it could never read the slot map again (an API answering 500 for good)."""
+    client = _client()
+    client.nodes_manager.startup_nodes.clear()
+    asked: list[list[str]] = []
+
+    async def read_slot_map(self: NodesManager) -> None:
+        asked.append(sorted(self.startup_nodes))
+        raise RedisConnectionError("no node answers")
+
+    monkeypatch.setattr(NodesManager, "initialize", read_slot_map)
+    with pytest.raises(RedisConnectionError):
+        await client.initialize()
+    assert asked == [["127.0.0.1:7000", "127.0.0.1:7001"]]
