@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,6 @@ class Cpu:
     postgres: dict[int, float]
     busy: float
     total: float
-    at: float = field(default_factory=time.monotonic)
 
 
 async def sample(side: Side, pg: asyncpg.Connection) -> Cpu:
