@@ -37,6 +37,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -548,6 +549,18 @@ async def run(a: argparse.Namespace, base: Path, log_dir: Path) -> dict[str, Any
             server.stop()
 
 
+async def _main_task(a: argparse.Namespace, base: Path, log_dir: Path) -> dict[str, Any]:
+    """``run``, cancelled on SIGTERM: its ``finally`` stops every server and process."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run(a, base, log_dir)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
     p.add_argument("--quick", action="store_true", help="short runs, one repetition: a smoke run")
@@ -627,8 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = RESULTS_DIR / f"cluster-{stamp}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    with tempfile.TemporaryDirectory(prefix="wbcache-bench-cluster-") as tmp:
-        measured = asyncio.run(run(a, Path(tmp), log_dir))
+    try:
+        with tempfile.TemporaryDirectory(prefix="wbcache-bench-cluster-") as tmp:
+            measured = asyncio.run(_main_task(a, Path(tmp), log_dir))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted: every server and process it started is stopped", file=sys.stderr)
+        return 130
     results: dict[str, Any] = {
         "started_at": started_at,
         "git": core.git_revision(),
