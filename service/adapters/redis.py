@@ -46,7 +46,9 @@ than a 500. arq, which has no Cluster support, then gets its own standalone Redi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from contextvars import ContextVar
 from typing import Any
 
 import hiredis
@@ -286,6 +288,13 @@ def _connection_lost(exc: BaseException) -> RedisConnectionError:
     return lost
 
 
+# Set while a task runs a command through ClusterClient, so the commands redis-py runs
+# inside it do not wait for a second slot (which could deadlock the pool).
+_IN_COMMAND: ContextVar[bool] = ContextVar("wbcache_cluster_command", default=False)
+# How long a command waits for a free connection, as the standalone pool waits.
+POOL_WAIT_SECONDS = 5.0
+
+
 class ClusterClient(RedisCluster):
     """redis-py's ``RedisCluster``, with what its failover handling does to concurrent
     commands (``_closed_under_it``) raised as the ``ConnectionError`` it stands for, a
@@ -295,6 +304,13 @@ class ClusterClient(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._seeds = [(n.host, n.port) for n in self.nodes_manager.startup_nodes.values()]
+        # redis-py's per-node pool raises MaxConnectionsError (a 503) past max_connections
+        # instead of waiting, as the standalone pool does: a burst of more concurrent
+        # commands than connections (a batch of 1,000 uncached keys) failed in part. A
+        # command holds at most one connection per node, so at most max_connections
+        # commands at once never exceed any node's pool; the others wait, up to
+        # POOL_WAIT_SECONDS, first come first served.
+        self._commands = asyncio.Semaphore(kwargs.get("max_connections") or 2**31)
 
     async def initialize(self) -> RedisCluster:
         """Re-read the slot map (when due), asking the URL's nodes too. redis-py drops a
@@ -319,12 +335,39 @@ class ClusterClient(RedisCluster):
         return node
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.command_slot():
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (AttributeError, RuntimeError) as exc:
+                if _closed_under_it(exc):
+                    raise _connection_lost(exc) from exc
+                raise
+
+    @contextlib.asynccontextmanager
+    async def command_slot(self) -> AsyncIterator[None]:
+        """One of the max_connections commands that may run at once; a command (or a
+        pipeline) that runs others inside it (redis-py's retries of redirected commands)
+        holds one slot for all of them."""
+        if _IN_COMMAND.get():
+            yield
+            return
         try:
-            return await super().execute_command(*args, **kwargs)
-        except (AttributeError, RuntimeError) as exc:
-            if _closed_under_it(exc):
-                raise _connection_lost(exc) from exc
-            raise
+            if self._commands.locked():
+                async with asyncio.timeout(POOL_WAIT_SECONDS):
+                    await self._commands.acquire()
+            else:
+                await self._commands.acquire()  # free: returns without waiting
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"no free Redis connection within {POOL_WAIT_SECONDS} s "
+                "(REDIS_MAX_CONNECTIONS per Cluster node)"
+            ) from None
+        token = _IN_COMMAND.set(True)
+        try:
+            yield
+        finally:
+            _IN_COMMAND.reset(token)
+            self._commands.release()
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
@@ -335,8 +378,11 @@ class ClusterClient(RedisCluster):
 
 class _ClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self._client
+        assert isinstance(client, ClusterClient)
         try:
-            results: list[Any] = await super().execute(raise_on_error, allow_redirections)
+            async with client.command_slot():
+                results: list[Any] = await super().execute(raise_on_error, allow_redirections)
         except (AttributeError, RuntimeError) as exc:
             if _closed_under_it(exc):
                 raise _connection_lost(exc) from exc
