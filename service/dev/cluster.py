@@ -21,7 +21,7 @@ import redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from service.dev.redis_server import RedisServer
-from service.dev.server import HOST, EmbeddedServerError
+from service.dev.server import HOST, EmbeddedServerError, wait_until
 
 SLOTS = REDIS_CLUSTER_HASH_SLOTS
 # MIGRATE's own timeout: the longest the source waits on the target for one batch.
@@ -436,14 +436,4 @@ class ClusterTopology:
     # -- waiting ------------------------------------------------------------------------
 
     def _wait(self, predicate: Callable[[], bool], deadline: float, what: str) -> None:
-        last: Exception | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-            except (redis.RedisError, OSError, KeyError, StopIteration) as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"{n.log_path}" for n in self.nodes)
-                raise EmbeddedServerError(f"timed out waiting for {what} ({last}); logs:\n{logs}")
-            time.sleep(0.05)
+        wait_until(predicate, deadline, what, [n.log_path for n in self.nodes])

@@ -12,7 +12,7 @@ from typing import Any, cast
 import redis
 
 from service.dev.redis_server import RedisServer
-from service.dev.server import HOST, EmbeddedServerError
+from service.dev.server import HOST, EmbeddedServerError, wait_until
 
 
 class SentinelServer(RedisServer):
@@ -236,14 +236,4 @@ class SentinelTopology:
         return self.primary
 
     def _wait(self, predicate: Any, deadline: float, what: str) -> None:
-        last: Exception | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-            except (redis.RedisError, OSError, KeyError, StopIteration) as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"{s.log_path}" for s in self.sentinels)
-                raise EmbeddedServerError(f"timed out waiting for {what} ({last}); logs:\n{logs}")
-            time.sleep(0.05)
+        wait_until(predicate, deadline, what, [s.log_path for s in self.sentinels])

@@ -13,12 +13,13 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, ClassVar, Self
 
 import psutil
+import redis
 
 from service.dev import processes
 
@@ -29,6 +30,25 @@ HOST = "127.0.0.1"
 
 class EmbeddedServerError(RuntimeError):
     """A server could not be found, started or stopped."""
+
+
+def wait_until(
+    predicate: Callable[[], bool], deadline: float, what: str, logs: Sequence[Path]
+) -> None:
+    """Poll ``predicate`` every 50 ms until it holds; past ``deadline`` (monotonic clock)
+    raise EmbeddedServerError naming ``what``, the last error the predicate raised (a node
+    not answering yet) and the servers' ``logs``."""
+    last: Exception | None = None
+    while True:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError, KeyError, StopIteration) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            listed = "\n".join(str(path) for path in logs)
+            raise EmbeddedServerError(f"timed out waiting for {what} ({last}); logs:\n{listed}")
+        time.sleep(0.05)
 
 
 def free_port(host: str = HOST) -> int:

@@ -47,7 +47,12 @@ from service.dev.cluster import ClusterTopology, slot_of
 from service.dev.redis_server import RedisServer
 from service.dev.server import HOST
 from tests.conftest import wait_until
-from tests.integration.load import Load, Write
+from tests.integration.load import (
+    Load,
+    account_failover,
+    check_after_failover,
+    take_gone,
+)
 from tests.support.procs import ApiProc, Proc, WorkerProc, wbcache_argv
 from tests.support.servers import TestServers as Servers
 from tests.support.servers import data_dir
@@ -219,6 +224,7 @@ def _cut_off(primary: RedisServer, replica: RedisServer) -> None:
 
 
 @pytest.mark.parametrize("min_replicas", [1, 0], ids=lambda n: f"min_replicas={n}")
+@pytest.mark.parametrize("link", ["in-sync", "cut-off"])
 async def test_busiest_shard_primary_sigkill_under_load(
     procs: Procs,
     servers: Servers,
@@ -226,43 +232,30 @@ async def test_busiest_shard_primary_sigkill_under_load(
     pg: asyncpg.Connection,
     prefix: str,
     min_replicas: int,
+    link: str,
 ) -> None:
     """Sixteen clients write over 200 keys (WRITE_DELAY_MS=1000: about a second of writes
     is pending in Redis at any time); the primary holding the shard with the most pending
-    keys is SIGKILLed with its replica in sync, the replica promoted by the Cluster, the
-    killed node started again (it rejoins as the new primary's replica, as an operator
-    would restart it); the load goes on throughout, through one API process and two
-    workers that are never restarted.
+    keys is SIGKILLed, the replica promoted by the Cluster, the killed node started again
+    (it rejoins as the new primary's replica, as an operator would restart it); the load
+    goes on throughout, through one API process and two workers that are never restarted.
 
-    With REDIS_MIN_REPLICAS=1 a write is acknowledged only once the replica holds it, so
-    the promoted replica has every acknowledged write: none is lost. With 0 the writes
-    acknowledged just before the kill that had not reached the replica are gone with the
-    old primary: counted and reported ("LOST n of m acknowledged writes"), not asserted
-    (on loopback the replication lag is short: usually none)."""
-    with _cluster("wbcache-cluster-kill-", procs) as (cluster, on_cluster):
-        await _busiest_shard_primary_sigkill(
-            cluster, on_cluster, servers, settings_factory, pg, prefix, min_replicas, "in-sync"
-        )
+    ``in-sync``: the replica is in sync at the kill. With REDIS_MIN_REPLICAS=1 a write is
+    acknowledged only once the replica holds it, so the promoted replica has every
+    acknowledged write: none is lost. With 0 the writes acknowledged just before the kill
+    that had not reached the replica are gone with the old primary: counted and reported
+    ("LOST n of m acknowledged writes"), not asserted (on loopback the lag is short:
+    usually none).
 
-
-@pytest.mark.parametrize("min_replicas", [1, 0], ids=lambda n: f"min_replicas={n}")
-async def test_busiest_shard_primary_sigkill_with_its_replica_cut_off(
-    procs: Procs,
-    servers: Servers,
-    settings_factory: Callable[..., Settings],
-    pg: asyncpg.Connection,
-    prefix: str,
-    min_replicas: int,
-) -> None:
-    """The same, but the replica's link drops first (a network blip: the primary closes
-    it and the replica cannot authenticate again) and the primary goes on for a few
-    hundred writes before it dies: the loss window of asynchronous replication, made
-    visible. With REDIS_MIN_REPLICAS=1 the writes to the cut-off primary answer 503
+    ``cut-off``: the replica's link drops first (a network blip: the primary closes it and
+    the replica cannot authenticate again) and the primary goes on for a few hundred
+    writes before it dies: the loss window of asynchronous replication, made visible.
+    With REDIS_MIN_REPLICAS=1 the writes to the cut-off primary answer 503
     replicas_unconfirmed (not acknowledged) and none acknowledged is lost; with 0 they
     are acknowledged, and those the promoted replica never received are lost."""
-    with _cluster("wbcache-cluster-cut-", procs) as (cluster, on_cluster):
+    with _cluster(f"wbcache-cluster-{link}-", procs) as (cluster, on_cluster):
         await _busiest_shard_primary_sigkill(
-            cluster, on_cluster, servers, settings_factory, pg, prefix, min_replicas, "cut-off"
+            cluster, on_cluster, servers, settings_factory, pg, prefix, min_replicas, link
         )
 
 
@@ -360,65 +353,17 @@ async def _busiest_shard_primary_sigkill(
 
     # Acknowledged by the old primary before it died but not on the replica it replicated
     # to: gone from Redis with the old primary.
-    gone: dict[str, list[Write]] = {}
-    for key, history in load.history.items():
-        kept = []
-        for w in history.acks:
-            assert w.version is not None
-            if key in held and w.started < killed_at and w.version > held[key]:
-                gone.setdefault(key, []).append(w)
-            else:
-                kept.append(w)
-        history.acks = kept
+    gone = take_gone(load, held, killed_at)
     late = [w for ws in gone.values() for w in ws if w.ended > failed_over_at]
     assert not late, [(w.op, w.key, w.version, w.ended - killed_at) for w in late[:10]]
 
     # A gone write a worker had persisted before the kill is not lost: Postgres holds it
     # (only the newest can show), newer than what the promoted replica caches for the key,
     # which stays stale until invalidated (docs/scaling.md).
-    await load.wait_drained(60)
-    rows = {
-        r["key"]: r["version"]
-        for r in await pg.fetch(
-            "SELECT key, version FROM records WHERE collection = $1", load.collection
-        )
-    }
-    lost: list[Write] = []
-    stale: set[str] = set()
-    for key, ws in gone.items():
-        ws.sort(key=lambda w: w.version or 0)
-        shown = next(
-            (
-                i
-                for i in range(len(ws) - 1, -1, -1)
-                if rows.get(key) == ws[i].version
-                or (i == len(ws) - 1 and ws[i].op == "delete" and key not in rows)
-            ),
-            None,
-        )
-        if shown is None:
-            lost.extend(ws)
-        else:
-            load.history[key].acks.extend(ws[: shown + 1])
-            lost.extend(ws[shown + 1 :])
-            stale.add(key)
-    # A write of unknown outcome sent before the kill (a 503 replicas_unconfirmed: the old
-    # primary applied it) may have been persisted and be gone from the promoted replica.
-    maybe_stale = {
-        key
-        for key, h in load.history.items()
-        if key in held
-        and any(w.started < killed_at for w in h.unknown)
-        and rows.get(key, 0) > held[key]
-    }
+    account = await account_failover(load, pg, gone, held, killed_at)
+    lost, stale, maybe_stale = account.lost, account.stale, account.maybe_stale
     acked = load.acked
-    report = await load.check(servers.database_url, drain_timeout=60)
-    expected = [
-        p
-        for p in report.problems
-        if p.startswith(tuple(f"GET {k!r} " for k in stale | maybe_stale))
-    ]
-    report.problems = [p for p in report.problems if p not in expected]
+    report = await check_after_failover(load, servers.database_url, account)
     refused = [(t - killed_at, s, ra, c) for t, s, ra, c in probes if s not in (200, 201)]
     numbers = {
         "link": link,

@@ -36,7 +36,12 @@ from service.adapters.redis_url import SentinelUrl, parse_sentinel_url
 from service.config import Settings
 from service.dev.sentinel import SentinelTopology
 from tests.conftest import running_api, running_worker, wait_until
-from tests.integration.load import Load, Write
+from tests.integration.load import (
+    Load,
+    account_failover,
+    check_after_failover,
+    take_gone,
+)
 from tests.support.procs import ApiProc, WorkerProc, wbcache_argv
 from tests.support.servers import TestServers as Servers
 from tests.support.servers import data_dir
@@ -490,16 +495,7 @@ async def _primary_sigkill_under_load(
 
     # Acknowledged by the old primary (sent before it died) but not on the replica it
     # replicated to: gone from Redis with the old primary.
-    gone: dict[str, list[Write]] = {}
-    for key, history in load.history.items():
-        kept = []
-        for w in history.acks:
-            assert w.version is not None
-            if w.started < killed_at and w.version > held[key]:
-                gone.setdefault(key, []).append(w)
-            else:
-                kept.append(w)
-        history.acks = kept
+    gone = take_gone(load, held, killed_at)
     for p in [api, *workers]:
         assert p.popen is not None and p.popen.poll() is None, p.output()[-3000:]
     # Sanity of the split: what the old primary acknowledged was answered before the new
@@ -510,50 +506,10 @@ async def _primary_sigkill_under_load(
     # A write gone from Redis that a worker had already persisted is not lost: Postgres
     # holds it (its version or, for a delete, no row), newer than what the promoted
     # replica caches for the key, which is stale until invalidated (docs/scaling.md).
-    await load.wait_drained(60)
-    rows = {
-        r["key"]: r["version"]
-        for r in await pg.fetch(
-            "SELECT key, version FROM records WHERE collection = $1", load.collection
-        )
-    }
-    lost: list[Write] = []
-    stale: set[str] = set()
-    for key, ws in gone.items():
-        # The newest gone write Postgres shows (a delete: no row; only the newest can).
-        ws.sort(key=lambda w: w.version or 0)
-        shown = next(
-            (
-                i
-                for i in range(len(ws) - 1, -1, -1)
-                if rows.get(key) == ws[i].version
-                or (i == len(ws) - 1 and ws[i].op == "delete" and key not in rows)
-            ),
-            None,
-        )
-        if shown is None:
-            lost.extend(ws)
-        else:
-            load.history[key].acks.extend(ws[: shown + 1])
-            lost.extend(ws[shown + 1 :])
-            stale.add(key)
-    # A write of unknown outcome sent before the kill (a 503 replicas_unconfirmed: the old
-    # primary applied it, no replica confirmed it) may have been persisted by a worker and
-    # be gone from the promoted replica all the same: its key may be stale in the cache too
-    # (the re-check after the invalidation below still holds every key to Postgres).
-    maybe_stale = {
-        key
-        for key, h in load.history.items()
-        if any(w.started < killed_at for w in h.unknown) and rows.get(key, 0) > held[key]
-    }
+    account = await account_failover(load, pg, gone, held, killed_at)
+    lost, stale, maybe_stale = account.lost, account.stale, account.maybe_stale
     acked = sum(len(h.acks) for h in load.history.values()) + len(lost)
-    report = await load.check(servers.database_url, drain_timeout=60)
-    expected = [
-        p
-        for p in report.problems
-        if p.startswith(tuple(f"GET {k!r} " for k in stale | maybe_stale))
-    ]
-    report.problems = [p for p in report.problems if p not in expected]
+    report = await check_after_failover(load, servers.database_url, account)
     refused = [(t - killed_at, s, ra) for t, s, ra in probes if s not in (200, 201)]
     window = max((t for t, _, _ in refused), default=0.0)
     print(
