@@ -46,11 +46,17 @@ class PgPool:
         self._settings = settings
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def get(self) -> asyncpg.Pool:
         if self._pool is not None:
             return self._pool
         async with self._lock:
+            if self._closed:
+                # A task still running at shutdown (a flush job, a probe) would otherwise
+                # open a new pool that nobody closes. An InterfaceError: Postgres
+                # unavailable to this process (503, or a flush retried elsewhere).
+                raise asyncpg.InterfaceError("the Postgres pool is closed (shutting down)")
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     asyncpg_dsn(self._settings.database_url),
@@ -67,6 +73,7 @@ class PgPool:
             return self._pool
 
     async def close(self) -> None:
+        self._closed = True
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
