@@ -11,7 +11,6 @@ from redis.asyncio import Redis
 
 from service.adapters.redis import AnyRedis
 from service.core.redis_keys import Keys
-from service.core.scripts import script
 from service.core.shards import Shards
 
 WORKER_ALIVE_MS = 15_000
@@ -47,9 +46,11 @@ async def _shard_pending_by_collection(redis: AnyRedis, keys: Keys) -> dict[str,
     ``exact`` is True when they add up to ``pending``, read at the same moment; otherwise (a
     queue older than the counts, until it drains) the members are counted instead, exactly
     up to PER_COLLECTION_LIMIT keys."""
-    counts_script = script(redis, _PENDING_COUNTS)
-    flat, dirty_total, inflight_total = await counts_script(
-        keys=[keys.pending_counts, keys.dirty, keys.inflight]
+    # EVAL, not EVALSHA: this read must not depend on the node's script cache, which a
+    # slot's new owner may lack mid-resharding (redis-py's SCRIPT LOAD can miss it while
+    # it follows ASK), and the script is short.
+    flat, dirty_total, inflight_total = await redis.eval(  # type: ignore[misc]
+        _PENDING_COUNTS, 3, keys.pending_counts, keys.dirty, keys.inflight
     )
     pairs = zip(flat[::2], flat[1::2], strict=True)
     counts = {c.decode(): int(n) for c, n in pairs if int(n) > 0}
