@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from service.adapters.redis import AnyRedis
 
@@ -19,11 +20,28 @@ def _source(name: str) -> str:
     return (files("service.core") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
+class _Script(AsyncScript):
+    """redis-py's AsyncScript, sending the script's body (EVAL, which also caches it on
+    that node) when the node still answers NOSCRIPT after the SCRIPT LOAD: on a Cluster
+    mid-resharding, redis-py's SCRIPT LOAD to every primary can miss the slot's new owner
+    (a node it has wrongly marked as a replica while following ASK)."""
+
+    async def __call__(  # type: ignore[no-untyped-def]
+        self, keys=None, args=None, client=None
+    ):
+        try:
+            return await super().__call__(keys, args, client)
+        except NoScriptError:
+            keys, args = list(keys or []), list(args or [])
+            target = client if client is not None else self.registered_client
+            return await target.eval(self.script, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
+
+
 def script(redis: AnyRedis, source: str) -> AsyncScript:
     """``register_script`` for either client: redis-py's AsyncScript works with a
     ``RedisCluster`` too (EVALSHA routed by its keys; SCRIPT LOAD, after NOSCRIPT, sent to
     every primary), though it is typed for ``Redis`` alone."""
-    return AsyncScript(redis, source)  # type: ignore[arg-type]
+    return _Script(redis, source)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
