@@ -36,25 +36,22 @@ checkout of a live pooled connection does not.
 A ``redis+cluster://`` URL gets redis-py's own ``RedisCluster`` client (``connect_redis``):
 it keeps the slot map, sends each command to the primary of its keys' slot, splits a
 pipeline by node (one round trip per node, in parallel), and follows ``MOVED`` and ``ASK``
-during a resharding and a failover; ``ClusterClient`` turns what that failover handling
-does to concurrent commands (their connections closed under them: redis-py 5.3's
-AttributeError and RuntimeError) into the ConnectionError it stands for, a 503 rather
-than a 500. arq, which has no Cluster support, then gets its own standalone Redis
-(``ARQ_REDIS_URL``, ``create_arq_redis``) or none.
+during a resharding and a failover; ``ClusterClient`` (service/adapters/redis_cluster.py)
+fixes what that client does wrong under concurrent commands. arq, which has no Cluster
+support, then gets its own standalone Redis (``ARQ_REDIS_URL``, ``create_arq_redis``) or
+none.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable
-from contextvars import ContextVar
+from collections.abc import Iterable
 from typing import Any
 
 import hiredis
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -62,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.adapters.arq import use_prefix
 from service.adapters.identity import client_name
+from service.adapters.redis_cluster import ClusterClient
 from service.adapters.redis_url import (
     SentinelUrl,
     is_cluster_url,
@@ -257,139 +255,6 @@ def _sentinel_pool(url: SentinelUrl, options: dict[str, Any]) -> LeanSentinelPoo
         password=url.password,
         **options,
     )
-
-
-def _closed_under_it(exc: BaseException) -> bool:
-    """Is ``exc`` what a Cluster command meets when another command's failure made
-    redis-py (5.3) close every connection of the client while this one was using one?
-
-    On a ConnectionError or CLUSTERDOWN (a failover; MOVED no longer, with
-    ``reinitialize_steps=0``), redis-py's ``RedisCluster`` re-reads the slot map after
-    ``NodesManager.aclose``, which disconnects every connection of every node, those in
-    use by concurrent commands included, and sets the default node to None; building the
-    new map closes the old nodes' connections again. A command caught in the middle fails
-    on the closed connection's missing writer or reader, on uvloop's closed transport, or
-    on the missing default node (in ``ClusterPipeline._execute``, after its commands
-    ran): redis-py issues #3835 and PR #3458, open. Its command may or may not have run,
-    exactly as when a connection drops: a ``ConnectionError`` says so (a 503)."""
-    # Anywhere in the message: a pipeline raising a command's error puts its own words first.
-    text = str(exc)
-    if isinstance(exc, AttributeError):
-        return "'NoneType' object has no attribute" in text
-    return isinstance(exc, RuntimeError) and "closed" in text
-
-
-def _connection_lost(exc: BaseException) -> RedisConnectionError:
-    lost = RedisConnectionError(
-        "the Redis Cluster client closed this command's connection while re-reading the "
-        f"slot map after a failover or a slot move ({type(exc).__name__}: {exc})"
-    )
-    lost.__cause__ = exc
-    return lost
-
-
-# Set while a task runs a command through ClusterClient, so the commands redis-py runs
-# inside it do not wait for a second slot (which could deadlock the pool).
-_IN_COMMAND: ContextVar[bool] = ContextVar("wbcache_cluster_command", default=False)
-# How long a command waits for a free connection, as the standalone pool waits.
-POOL_WAIT_SECONDS = 5.0
-
-
-class ClusterClient(RedisCluster):
-    """redis-py's ``RedisCluster``, with what its failover handling does to concurrent
-    commands (``_closed_under_it``) raised as the ``ConnectionError`` it stands for, a
-    default node while the slot map is being re-read, and the URL's nodes always among
-    those it asks for the slot map."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._seeds = [(n.host, n.port) for n in self.nodes_manager.startup_nodes.values()]
-        # redis-py's per-node pool raises MaxConnectionsError (a 503) past max_connections
-        # instead of waiting, as the standalone pool does: a burst of more concurrent
-        # commands than connections (a batch of 1,000 uncached keys) failed in part. A
-        # command holds at most one connection per node, so at most max_connections
-        # commands at once never exceed any node's pool; the others wait, up to
-        # POOL_WAIT_SECONDS, first come first served.
-        self._commands = asyncio.Semaphore(kwargs.get("max_connections") or 2**31)
-
-    async def initialize(self) -> RedisCluster:
-        """Re-read the slot map (when due), asking the URL's nodes too. redis-py drops a
-        node from the nodes it asks at each ConnectionError through it, the healthy nodes
-        whose connections it closed itself under concurrent commands included, and only a
-        successful read fills them again: once every one is gone, the client can never
-        connect again ("Redis Cluster cannot be connected. Please provide at least one
-        reachable node: None"), seen as an API answering 500 to every request for good
-        after a primary's SIGKILL."""
-        if self._initialize:
-            known = self.nodes_manager.startup_nodes
-            for host, port in self._seeds:
-                if f"{host}:{port}" not in known:
-                    node = ClusterNode(host, port, **self.connection_kwargs)
-                    known[node.name] = node
-        return await super().initialize()
-
-    def get_default_node(self) -> ClusterNode:
-        node = super().get_default_node()
-        if node is None:  # reset by another command's failure until initialize() runs
-            node = next(iter(self.nodes_manager.nodes_cache.values()), None)
-        return node
-
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.command_slot():
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except (AttributeError, RuntimeError) as exc:
-                if _closed_under_it(exc):
-                    raise _connection_lost(exc) from exc
-                raise
-
-    @contextlib.asynccontextmanager
-    async def command_slot(self) -> AsyncIterator[None]:
-        """One of the max_connections commands that may run at once; a command (or a
-        pipeline) that runs others inside it (redis-py's retries of redirected commands)
-        holds one slot for all of them."""
-        if _IN_COMMAND.get():
-            yield
-            return
-        try:
-            if self._commands.locked():
-                async with asyncio.timeout(POOL_WAIT_SECONDS):
-                    await self._commands.acquire()
-            else:
-                await self._commands.acquire()  # free: returns without waiting
-        except TimeoutError:
-            raise RedisConnectionError(
-                f"no free Redis connection within {POOL_WAIT_SECONDS} s "
-                "(REDIS_MAX_CONNECTIONS per Cluster node)"
-            ) from None
-        token = _IN_COMMAND.set(True)
-        try:
-            yield
-        finally:
-            _IN_COMMAND.reset(token)
-            self._commands.release()
-
-    def pipeline(
-        self, transaction: Any | None = None, shard_hint: Any | None = None
-    ) -> ClusterPipeline:
-        super().pipeline(transaction, shard_hint)  # its refusals (transactions, hints)
-        return _ClusterPipeline(self)  # type: ignore[abstract]  # (the same)
-
-
-class _ClusterPipeline(ClusterPipeline):
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        client = self._client
-        assert isinstance(client, ClusterClient)
-        try:
-            async with client.command_slot():
-                results: list[Any] = await super().execute(raise_on_error, allow_redirections)
-        except (AttributeError, RuntimeError) as exc:
-            if _closed_under_it(exc):
-                raise _connection_lost(exc) from exc
-            raise
-        # Errors in place (raise_on_error=False): one per command its node's round trip
-        # failed for.
-        return [_connection_lost(r) if _closed_under_it(r) else r for r in results]
 
 
 def _options(process: str, settings: Settings, kwargs: dict[str, Any]) -> dict[str, Any]:

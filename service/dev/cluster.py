@@ -401,7 +401,7 @@ class ClusterTopology:
         deadline = time.monotonic() + timeout
         slots = list(slots)
         source_id, target_id = self._ids[source.port], self._ids[target.port]
-        others = [p for p in self.primaries() if p.port not in (source.port, target.port)]
+        others = self._others(source, target)
         # Bytes in and out: GETKEYSINSLOT hands back key names MIGRATE must get unchanged.
         src = redis.Redis(host=HOST, port=source.port, socket_timeout=_MIGRATE_MS / 1000 + 5)
         # REPLACE: a copy left on the target by an interrupted earlier run must not stop
@@ -410,18 +410,14 @@ class ClusterTopology:
         migrate = ("MIGRATE", HOST, target.port, "", 0, _MIGRATE_MS, "REPLACE", "KEYS")
         try:
             for slot in slots:
-                self._ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-                self._ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+                self.open_slot_move(slot, source, target)
                 while keys := _call(src, "CLUSTER", "GETKEYSINSLOT", slot, batch):
                     if time.monotonic() > deadline:
                         raise EmbeddedServerError(
                             f"timed out migrating slot {slot} from {source!r} to {target!r}"
                         )
                     _call(src, *migrate, *keys)
-                # The target first: once it owns the slot, the source's ASK and then
-                # MOVED answers both lead clients to a node that serves it.
-                for node in [target, source, *others]:
-                    self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+                self._close_slot_move(slot, source, target, others)
         finally:
             src.close()
 
@@ -432,6 +428,28 @@ class ClusterTopology:
             return all(view[target_id].owns(s) and not view[source_id].owns(s) for s in slots)
 
         self._wait(moved, deadline, f"every node to agree that {target!r} serves the slots")
+
+    def open_slot_move(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """The first step of moving ``slot``: IMPORTING on the target, MIGRATING on the
+        source. From now on the source answers ASK for the slot's keys it does not hold."""
+        self._ask(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", self._ids[source.port])
+        self._ask(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", self._ids[target.port])
+
+    def close_slot_move(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """The last step of moving ``slot``, once the source holds none of its keys: every
+        primary says the target serves it."""
+        self._close_slot_move(slot, source, target, self._others(source, target))
+
+    def _close_slot_move(
+        self, slot: int, source: RedisServer, target: RedisServer, others: list[RedisServer]
+    ) -> None:
+        # The target first: once it owns the slot, the source's ASK and then MOVED answers
+        # both lead clients to a node that serves it.
+        for node in [target, source, *others]:
+            self._ask(node, "CLUSTER", "SETSLOT", slot, "NODE", self._ids[target.port])
+
+    def _others(self, source: RedisServer, target: RedisServer) -> list[RedisServer]:
+        return [p for p in self.primaries() if p.port not in (source.port, target.port)]
 
     # -- waiting ------------------------------------------------------------------------
 

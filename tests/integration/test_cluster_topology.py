@@ -1,14 +1,12 @@
-"""The throwaway Redis Cluster (service/dev/cluster.py) seen through redis-py's asyncio
-``RedisCluster`` client:
+"""The throwaway Redis Cluster (service/dev/cluster.py) seen through the service's Cluster
+client (service/adapters/redis_cluster.py, redis-py's asyncio ``RedisCluster``):
 
 * formed: three primaries with a replica each, every node ok, every slot served;
 * a primary SIGKILLed: its replica takes over, with the writes it had acknowledged to
   ``WAIT`` (one replica);
 * an online resharding under a client's reads and writes: the client follows ASK and
-  MOVED, no error reaches it, every key ends on the target.
-
-The service itself does not speak ``redis+cluster://`` yet; these tests check the
-topology the Cluster tests will run on."""
+  MOVED, no error reaches it, every key ends on the target; ``ASKING`` and the command it
+  lets through share a connection."""
 
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ import pytest
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from service.adapters.redis_cluster import ClusterClient
 from service.dev.cluster import SLOTS, ClusterTopology, slot_of
 from service.dev.redis_server import RedisServer
 from service.dev.server import HOST
@@ -62,7 +61,9 @@ def own_topology() -> Iterator[ClusterTopology]:
 @contextlib.asynccontextmanager
 async def _client(topology: ClusterTopology, **options: Any) -> AsyncIterator[RedisCluster]:
     nodes = [ClusterNode(HOST, n.port) for n in topology.nodes]
-    client = RedisCluster(startup_nodes=nodes, decode_responses=True, socket_timeout=5, **options)
+    client: RedisCluster = ClusterClient(  # type: ignore[abstract]  # as connect_redis makes it
+        startup_nodes=nodes, decode_responses=True, socket_timeout=5, **options
+    )
     try:
         await client.initialize()
         yield client
@@ -214,6 +215,36 @@ async def test_migrate_slots_under_reads_and_writes(topology: ClusterTopology) -
         assert await _keys_on(dst, slots, prefix) == set(written)
         assert await _keys_on(src, slots, prefix) == set()
     assert all(topology.primary_for_slot(s) == target for s in slots[::16])
+
+
+async def test_asking_goes_on_the_redirected_commands_connection(
+    topology: ClusterTopology,
+) -> None:
+    """A new key in a slot being moved: the source answers ASK, and ``ASKING`` must go on
+    the connection the command then takes. With several free connections to the target,
+    redis-py alone sends them on different ones: the target answers MOVED back to the
+    source, which asks again, until its 16 redirections run out (a CI failure of the test
+    above). Allowed one redirection only, each write here must land at once."""
+    prefix = f"ask{uuid.uuid4().hex[:6]}:"
+    slot = 300
+    source = await asyncio.to_thread(topology.primary_for_slot, slot)
+    target = next(p for p in await asyncio.to_thread(topology.primaries) if p != source)
+    target_slot = (await asyncio.to_thread(topology.slots_of, target))[0]
+    async with _client(topology, max_connections=8) as rc, _direct(target) as dst:
+        rc.RedisClusterRequestTTL = 2  # the ASK, then the command: no second chance
+        # Four connections to the target, all free again afterwards.
+        await asyncio.gather(*(rc.get(_key(prefix, target_slot, i)) for i in range(4)))
+        node = rc.get_node(host=HOST, port=target.port)
+        assert node is not None and len(node._connections) >= 2
+        asking_before = await _asking_calls(dst)
+        await asyncio.to_thread(topology.open_slot_move, slot, source, target)
+        try:
+            for i in range(10):
+                assert await rc.set(_key(prefix, slot, i), i)
+        finally:
+            await asyncio.to_thread(topology.close_slot_move, slot, source, target)
+        assert await _asking_calls(dst) == asking_before + 10
+        assert await _keys_on(dst, [slot], prefix) == {_key(prefix, slot, i) for i in range(10)}
 
 
 async def _asking_calls(node: aredis.Redis) -> int:

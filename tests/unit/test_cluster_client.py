@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.adapters.redis import ClusterClient
+from service.adapters.redis_cluster import ClusterClient
 from service.core.errors import classify
 
 # What the chaos test (tests/integration/test_cluster_chaos.py) met, from redis-py 5.3.1.
