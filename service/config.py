@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     sweep_seconds: int = 5
     retry_backoff_max_seconds: float = 5.0
     tombstone_retention_days: int = 7
+    # Distinct keys the key filter is sized for (service/core/key_filter.py): writes to
+    # keys never written need no Postgres read. About 1.2 bytes of Redis per key; 0: off.
+    key_filter_capacity: int = Field(default=4_000_000, ge=0, le=10_000_000_000)
 
     # Connections
     pg_pool_max: int = 8

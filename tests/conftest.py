@@ -18,9 +18,12 @@ import pytest
 from arq.worker import Worker
 
 from service.adapters.migrate import migrate
+from service.adapters.postgres import PgPool
 from service.adapters.redis import close_redis, connect_redis
 from service.api.app import create_app
 from service.config import Settings
+from service.core.flusher import Flusher
+from service.core.scripts import Scripts
 from tests.support.procs import ApiProc, WorkerProc, service_env
 from tests.support.servers import TestServers, recreate_database, start_test_servers
 from worker.settings import worker_settings
@@ -109,6 +112,16 @@ async def redis(settings: Settings) -> AsyncIterator[Any]:
     # Leave nothing behind under this test's prefix.
     async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
         await client.delete(k)
+    await close_redis(client)
+
+
+@pytest.fixture
+async def flusher(settings: Settings, pg: asyncpg.Connection, redis: Any) -> AsyncIterator[Flusher]:
+    """A flusher of our own (as a worker has), on the test's prefix."""
+    client = connect_redis("test-flusher", settings)
+    pool = PgPool("test-flusher", settings)
+    yield Flusher(client, pool, settings, Scripts.register(client))
+    await pool.close()
     await close_redis(client)
 
 

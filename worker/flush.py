@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 from service.adapters.arq import schedule_flush
 from service.core import repository
 from service.core.flusher import Flusher
+from service.core.key_filter_build import complete_filters
 
 log = logging.getLogger("wbcache.worker")
 
@@ -63,6 +64,10 @@ async def flush(ctx: dict[str, Any]) -> int:
 async def sweep(ctx: dict[str, Any]) -> int:
     flushed = await drain(ctx)
     ctx["sweeps"] = ctx.get("sweeps", 0) + 1
+    build: asyncio.Task[list[int]] | None = ctx.get("key_filter_build")
+    if build is None or build.done():
+        # In the background: a build reads every key in Postgres (seconds per million).
+        ctx["key_filter_build"] = asyncio.create_task(_complete_key_filters(ctx["flusher"]))
     if ctx["sweeps"] % 720 == 1:  # about hourly: forget deletes older than the retention
         flusher: Flusher = ctx["flusher"]
         try:
@@ -75,3 +80,13 @@ async def sweep(ctx: dict[str, Any]) -> int:
         except Exception as exc:
             log.debug("tombstone collection skipped: %s", exc)
     return flushed
+
+
+async def _complete_key_filters(flusher: Flusher) -> list[int]:
+    try:
+        return await complete_filters(
+            flusher.redis, flusher.pg, flusher.shards, flusher.key_filter, flusher.scripts
+        )
+    except Exception as exc:  # the next sweep tries again; writes read Postgres meanwhile
+        log.warning("could not complete the key filter: %s", exc)
+        return []

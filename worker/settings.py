@@ -65,9 +65,10 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     # A worker stopped while starting up (its startup cancelled) has only part of ctx.
-    heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
-    if heartbeat is not None:
-        heartbeat.cancel()
+    for name in ("heartbeat", "key_filter_build"):
+        task: asyncio.Task[Any] | None = ctx.get(name)
+        if task is not None:
+            task.cancel()
     flusher: Flusher | None = ctx.get("flusher")
     if flusher is None:
         return

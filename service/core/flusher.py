@@ -23,6 +23,7 @@ from service.adapters.redis import AnyRedis
 from service.config import Settings
 from service.core import histograms, repository
 from service.core.errors import classify, is_poison, sqlstate
+from service.core.key_filter import KeyFilter
 from service.core.redis_keys import Keys, split_member
 from service.core.scripts import Scripts
 from service.core.shards import Shards
@@ -123,6 +124,7 @@ class Flusher:
         # The keys of shard 0, which are also the keys no shard owns (workers, last error).
         self.keys: Keys = self.shards.any
         self.scripts = scripts
+        self.key_filter = KeyFilter.from_settings(settings)
         self.held: set[str] = set()
         self._shard_of_batch: dict[str, int] = {}
         # Claims start at the shard after the last one claimed from, so every shard's

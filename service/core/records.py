@@ -21,6 +21,7 @@ from service.adapters.redis import AnyRedis
 from service.config import Settings
 from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
+from service.core.key_filter import KeyFilter
 from service.core.redis_keys import member
 from service.core.scripts import Scripts
 from service.core.shards import Shards
@@ -110,11 +111,6 @@ def _own(outcome: _T | BaseException) -> _T | Exception:
     return outcome
 
 
-def _glob_escape(text: str) -> str:
-    """A literal for a Redis SCAN MATCH pattern (a prefix may hold * ? [ ] or \\)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -161,6 +157,7 @@ class RecordStore:
         self.pg = pg
         self.settings = settings
         self.shards = Shards.from_settings(settings)
+        self.key_filter = KeyFilter.from_settings(settings)
         # Where flush wake-ups are enqueued: REDIS_URL's own client, except on a Cluster
         # (ARQ_REDIS_URL's, or none: workers poll).
         self.arq = arq if arq is not None else redis if isinstance(redis, ArqRedis) else None
@@ -173,7 +170,13 @@ class RecordStore:
 
     # -- Postgres -------------------------------------------------------------------------
 
-    async def _fetch(self, collection: str, key: str) -> repository.StoredRow:
+    async def _fetch(
+        self, collection: str, key: str, filtered: bool = True
+    ) -> repository.StoredRow:
+        """Postgres' row of a key that is not cached, unless the key filter (when
+        ``filtered``) says it has never been written: then no row, without a query."""
+        if filtered and await self._never_written(collection, key):
+            return repository.StoredRow(None, 0)
         try:
             pool = await self.pg.get()
             return await repository.fetch(pool, collection, key)
@@ -183,6 +186,20 @@ class RecordStore:
             if unavailable is None:
                 raise
             raise unavailable from exc
+
+    async def _never_written(self, collection: str, key: str) -> bool:
+        """Whether the key filter is complete and lacks one of the key's bits."""
+        if not self.key_filter.enabled:
+            return False
+        m = member(collection, key)
+        ops: list[Any] = []
+        for bit in self.key_filter.script_args(m):
+            ops += ["GET", "u1", bit]
+        # BITFIELD_RO: BITFIELD, even with GETs only, is refused when Redis is full.
+        bits = await self.redis.execute_command(
+            "BITFIELD_RO", self.key_filter.key(self.shards.for_member(m)), *ops
+        )
+        return bool(bits[0]) and not all(bits[1:])
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -200,11 +217,13 @@ class RecordStore:
             k.wake,
             k.dead,
             k.pending_counts,
+            self.key_filter.key(k),
         ]
+        m = member(call.collection, call.key)
         args = [
             call.op.value,
             call.document,
-            member(call.collection, call.key),
+            m,
             im_mode,
             im_list,
             inm_mode,
@@ -215,6 +234,7 @@ class RecordStore:
             "1" if stored is not None and stored.value is not None else "0",
             self.settings.write_delay_ms + 5000,
             0 if call.force else self.settings.max_pending,
+            *self.key_filter.script_args(m),
         ]
         return keys, args
 
@@ -353,7 +373,8 @@ class RecordStore:
         reply = _write_outcome(raw)
         if reply is None:
             try:
-                stored = await self._fetch(call.collection, call.key)
+                # The script found no answer in the filter: Postgres must give one.
+                stored = await self._fetch(call.collection, call.key, filtered=False)
             except Unavailable:
                 # A blind PUT needs no history: Redis' clock alone keeps versions above
                 # Postgres', so accept it while Postgres is down.
@@ -528,7 +549,9 @@ class RecordStore:
                 await run([member(collection, key) for key in keys[i : i + 500]])
         else:
             chunk: list[str] = []
-            async for raw in self.redis.scan_iter(match=self._entries_of(collection), count=1000):
+            async for raw in self.redis.scan_iter(
+                match=self.shards.entries_pattern(collection), count=1000
+            ):
                 m = self.shards.member_of_entry(_s(raw))
                 if m is not None:
                     chunk.append(m)
@@ -538,10 +561,3 @@ class RecordStore:
             if chunk:
                 await run(chunk)
         return dropped, skipped
-
-    def _entries_of(self, collection: str) -> str:
-        """A SCAN pattern for the cache entries of ``collection``, in every shard."""
-        any_shard = self.shards.any
-        if not self.shards.tagged:
-            return f"{_glob_escape(any_shard.entry_prefix)}{_glob_escape(collection)}:*"
-        return f"{_glob_escape(any_shard.prefix)}{{*}}:e:{_glob_escape(collection)}:*"

@@ -21,6 +21,11 @@ def member(collection: str, key: str) -> str:
     return f"{collection}:{key}"
 
 
+def glob_escape(text: str) -> str:
+    """A literal for a Redis SCAN MATCH pattern (a prefix may hold * ? [ ] or \\)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def split_member(m: str) -> tuple[str, str]:
     collection, _, key = m.partition(":")
     return collection, key
@@ -103,6 +108,19 @@ class Keys:
     def wake(self) -> str:
         """Set while a flush wake-up job is scheduled, so writes enqueue one per window."""
         return f"{self.shard_prefix}wake"
+
+    def key_filter(self, bits: int) -> str:
+        """Bitmap: the shard's key filter of ``bits`` bits (service/core/key_filter.py)."""
+        return f"{self.shard_prefix}kf:{bits}"
+
+    def key_filter_scratch(self, bits: int) -> str:
+        """String: a key filter build's bitmap, for the moment it is ORed in."""
+        return f"{self.shard_prefix}kf:{bits}:build"
+
+    @property
+    def key_filter_lock(self) -> str:
+        """Held (with a TTL) by the worker building incomplete key filters."""
+        return f"{self.prefix}kf:lock"
 
     @property
     def workers(self) -> str:

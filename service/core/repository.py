@@ -6,6 +6,7 @@ late or repeated flush of an older write cannot bring a deleted key back.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,13 @@ WITH d AS (
 )
 DELETE FROM records r USING d
 WHERE r.collection = d.collection AND r.key = d.key AND r.version < d.version
+"""
+
+# Every key Postgres holds a row or a tombstone for (the key filter's build).
+_ALL_KEYS = """
+SELECT collection, key FROM records
+UNION ALL
+SELECT collection, key FROM tombstones
 """
 
 _GC_TOMBSTONES = """
@@ -110,6 +118,15 @@ async def persist(conn: asyncpg.Connection, upserts: Columns, deletes: Columns) 
 
 async def ping(pool: asyncpg.Pool) -> None:
     await pool.fetchval("SELECT 1")
+
+
+async def all_keys(pool: asyncpg.Pool, batch: int = 10_000) -> AsyncIterator[list[str]]:
+    """The member (``collection:key``) of every row and tombstone, ``batch`` at a time,
+    read through a cursor in one transaction (one snapshot)."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        cursor = await conn.cursor(_ALL_KEYS)
+        while rows := await cursor.fetch(batch):
+            yield [f"{r['collection']}:{r['key']}" for r in rows]
 
 
 async def gc_tombstones(pool: asyncpg.Pool, retention_days: int) -> int:

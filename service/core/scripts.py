@@ -55,6 +55,7 @@ class Scripts:
     invalidate: AsyncScript
     dead_letters: AsyncScript
     heartbeat: AsyncScript
+    key_filter: AsyncScript
 
     @classmethod
     def register(cls, redis: AnyRedis) -> Scripts:
@@ -68,4 +69,5 @@ class Scripts:
             invalidate=script(redis, _source("invalidate")),
             dead_letters=script(redis, _source("deadletters")),
             heartbeat=script(redis, _source("heartbeat")),
+            key_filter=script(redis, _source("keyfilter")),
         )

@@ -20,7 +20,7 @@ from functools import cache
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from service.config import Settings
-from service.core.redis_keys import Keys
+from service.core.redis_keys import Keys, glob_escape
 
 
 @cache
@@ -89,6 +89,15 @@ class Shards:
         for m in members:
             out.setdefault(shard_of(m, self.count), []).append(m)
         return out
+
+    def entries_pattern(self, collection: str | None = None) -> str:
+        """A SCAN pattern for the cache entries of ``collection`` (or of every record), in
+        every shard."""
+        any_shard = self._keys[0]
+        records = "*" if collection is None else f"{glob_escape(collection)}:*"
+        if not self.tagged:
+            return f"{glob_escape(any_shard.entry_prefix)}{records}"
+        return f"{glob_escape(any_shard.prefix)}{{*}}:e:{records}"
 
     def member_of_entry(self, entry_key: str) -> str | None:
         """The member whose entry ``entry_key`` is (a SCAN result), or None."""

@@ -10,7 +10,7 @@ import random
 import time
 import types
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,6 @@ from tests.integration.test_dead_letters import metric, poison_constraint, rows,
 from worker import settings as worker_settings_module
 
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-async def flusher(settings: Settings, pg: asyncpg.Connection, redis: Any) -> AsyncIterator[Flusher]:
-    """A flusher of our own (as a worker has), on the test's prefix."""
-    client = create_redis("test-flusher", settings)
-    pool = PgPool("test-flusher", settings)
-    yield Flusher(client, pool, settings, Scripts.register(client))
-    await pool.close()
-    await client.aclose(close_connection_pool=True)
 
 
 @contextlib.contextmanager

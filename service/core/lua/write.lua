@@ -1,17 +1,19 @@
 -- The whole write path in one round trip: preconditions, version, entry, dirty mark,
 -- backpressure and "must a flush be scheduled?".
--- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts
+-- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts, 7 key filter
 -- ARGV: 1 op (put|del|patch), 2 document, 3 member,
 --       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
 --       6 If-None-Match mode, 7 If-None-Match list,
 --       8 expected version for a patch compare-and-set ("" = none),
 --       9 Postgres known (0/1), 10 Postgres version floor, 11 Postgres row exists (0/1),
---       12 wake TTL ms, 13 max pending ("0": no limit, for writes forced through)
+--       12 wake TTL ms, 13 max pending ("0": no limit, for writes forced through),
+--       14 the key filter's complete bit ("" = no filter), 15.. the member's filter bits
 -- Returns {status, version, created, schedule}; status OK, MISS, NOTFOUND, PRECOND,
 -- CONFLICT or FULL.
 local e = KEYS[1]
 local op = ARGV[1]
 local m = ARGV[3]
+local filtered = ARGV[14] ~= ''
 
 -- 'x' (dead-lettered) and 'a' (attempts) are read only to skip clearing them when absent.
 local cur = redis.call('HMGET', e, 'v', 't', 'x', 'a')
@@ -20,12 +22,33 @@ local exists, curv
 if cached then
   exists = cur[2] ~= '1'
   curv = cur[1]
-else
-  if ARGV[9] ~= '1' then
-    return {'MISS'}
-  end
+elseif ARGV[9] == '1' then
   exists = ARGV[11] == '1'
   curv = ARGV[10]
+else
+  -- Not cached, Postgres not asked: a complete key filter (service/core/key_filter.py)
+  -- with one of the member's bits unset says Postgres has neither row nor tombstone.
+  if not filtered then
+    return {'MISS'}
+  end
+  local get = {'GET', 'u1', ARGV[14]}
+  for i = 15, #ARGV do
+    get[#get + 1] = 'GET'
+    get[#get + 1] = 'u1'
+    get[#get + 1] = ARGV[i]
+  end
+  local bits = redis.call('BITFIELD_RO', KEYS[7], unpack(get))
+  local absent = false
+  for i = 2, #bits do
+    if bits[i] == 0 then
+      absent = true
+    end
+  end
+  if bits[1] == 0 or not absent then
+    return {'MISS'}
+  end
+  exists = false
+  curv = '0'
 end
 
 if (op == 'del' or op == 'patch') and not exists then
@@ -91,6 +114,18 @@ if not pending then
   if redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m) == 1 then
     redis.call('HINCRBY', KEYS[6], string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1), 1)
   end
+end
+-- Every write marks its key in the filter: a key Postgres may hold from now on. Only a
+-- worker creates the filter (key_filter_build.py): its bitmap is sized for the capacity.
+if filtered and redis.call('EXISTS', KEYS[7]) == 1 then
+  local set = {}
+  for i = 15, #ARGV do
+    set[#set + 1] = 'SET'
+    set[#set + 1] = 'u1'
+    set[#set + 1] = ARGV[i]
+    set[#set + 1] = 1
+  end
+  redis.call('BITFIELD', KEYS[7], unpack(set))
 end
 local schedule = '0'
 if redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[12]) then
