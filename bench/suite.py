@@ -75,7 +75,7 @@ WRK_SCRIPT = REPO_ROOT / "bench" / "apps" / "wrk" / "load.lua"
 # The service's Lua scripts by SHA1, to name them in Redis' SLOWLOG.
 SCRIPT_NAMES = {
     hashlib.sha1(path.read_bytes()).hexdigest(): path.stem
-    for path in sorted((REPO_ROOT / "service" / "lua").glob("*.lua"))
+    for path in sorted((REPO_ROOT / "service" / "core" / "lua").glob("*.lua"))
 }
 
 SECTIONS = ("main", "batch", "profile", "scaling", "drain", "sweep")
