@@ -8,14 +8,16 @@ process, access log off) and driven by the same ``wrk`` script:
 * ``wbcache``: ``python -m service.cli serve`` + ``python -m service.cli worker``, default
   settings, on the suite's own Redis db / prefix and database;
 
-PUT and GET (keys written beforehand, so cached) at each connection count, a warm-up
-discarded, several repetitions with the order of the apps rotated: req/s, p50, p99 and the
-ratio of each to the ceiling's same operation. Then, on wbcache alone: ``POST /v1/batch``
-(100 puts per request) next to ``redis-benchmark -t set`` on the same Redis; py-spy
-profiles of the API under PUT and GET load; 2 API processes + 2 workers against 1 + 1; the
-cold drain next to the raw batched upsert and the hot burst of bench/core.py (Postgres row
-writes per accepted write); peak RSS (VmHWM) of every process. ``--sections sweep`` runs
-the cold drain per BATCH_SIZE and the hot burst per WRITE_DELAY_MS.
+PUT and GET (keys written beforehand, so cached), PUT-random (1,000,000 keys, mostly
+never written) and PUT-insert (keys never written) at each connection count, a warm-up
+discarded, several repetitions with the order of the apps rotated: req/s, p50, p99 and
+the ratio of each to the ceiling's (req/s also to write-through's) same operation. Then,
+on wbcache alone: ``POST /v1/batch`` (100 puts per request) next to ``redis-benchmark -t
+set`` on the same Redis; py-spy profiles of the API under PUT and GET load; 2 API
+processes + 2 workers against 1 + 1; the cold drain next to the raw batched upsert and
+the hot burst of bench/core.py (Postgres row writes per accepted write); peak RSS
+(VmHWM) of every process. ``--sections sweep`` runs the cold drain per BATCH_SIZE and
+the hot burst per WRITE_DELAY_MS.
 
 See bench/README.md for how to read the numbers, docs/performance.md for results.
 """
