@@ -8,14 +8,16 @@ process, access log off) and driven by the same ``wrk`` script:
 * ``wbcache``: ``python -m service.cli serve`` + ``python -m service.cli worker``, default
   settings, on the suite's own Redis db / prefix and database;
 
-PUT and GET (keys written beforehand, so cached) at each connection count, a warm-up
-discarded, several repetitions with the order of the apps rotated: req/s, p50, p99 and the
-ratio of each to the ceiling's same operation. Then, on wbcache alone: ``POST /v1/batch``
-(100 puts per request) next to ``redis-benchmark -t set`` on the same Redis; py-spy
-profiles of the API under PUT and GET load; 2 API processes + 2 workers against 1 + 1; the
-cold drain next to the raw batched upsert and the hot burst of bench/core.py (Postgres row
-writes per accepted write); peak RSS (VmHWM) of every process. ``--sections sweep`` runs
-the cold drain per BATCH_SIZE and the hot burst per WRITE_DELAY_MS.
+PUT and GET (keys written beforehand, so cached), PUT-random (1,000,000 keys, mostly
+never written) and PUT-insert (keys never written) at each connection count, a warm-up
+discarded, several repetitions with the order of the apps rotated: req/s, p50, p99 and
+the ratio of each to the ceiling's (req/s also to write-through's) same operation. Then,
+on wbcache alone: ``POST /v1/batch`` (100 puts per request) next to ``redis-benchmark -t
+set`` on the same Redis; py-spy profiles of the API under PUT and GET load; 2 API
+processes + 2 workers against 1 + 1; the cold drain next to the raw batched upsert and
+the hot burst of bench/core.py (Postgres row writes per accepted write); peak RSS
+(VmHWM) of every process. ``--sections sweep`` runs the cold drain per BATCH_SIZE and
+the hot burst per WRITE_DELAY_MS.
 
 See bench/README.md for how to read the numbers, docs/performance.md for results.
 """
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -75,11 +79,17 @@ WRK_SCRIPT = REPO_ROOT / "bench" / "apps" / "wrk" / "load.lua"
 # The service's Lua scripts by SHA1, to name them in Redis' SLOWLOG.
 SCRIPT_NAMES = {
     hashlib.sha1(path.read_bytes()).hexdigest(): path.stem
-    for path in sorted((REPO_ROOT / "service" / "lua").glob("*.lua"))
+    for path in sorted((REPO_ROOT / "service" / "core" / "lua").glob("*.lua"))
 }
 
 SECTIONS = ("main", "batch", "profile", "scaling", "drain", "sweep")
 DEFAULT_SECTIONS = ("main", "batch", "profile", "scaling", "drain")
+
+# The side-by-side operations (wrk modes of load.lua): PUT and GET on the prefilled
+# keyspace; PUT-random over a keyspace mostly never written (--random-keys); PUT-insert of
+# keys never written before (a tag of its own per run). The PUTs wait for wbcache's drain.
+OPS = ("put", "get", "put-random", "put-insert")
+PUT_OPS = ("put", "put-random", "put-insert")
 
 CEILING = "ceiling"
 WRITE_THROUGH = "write-through"
@@ -106,6 +116,8 @@ class Options:
     reps: int
     connections: list[int]
     keys: int
+    ops: list[str]
+    random_keys: int
     doc_bytes: int
     drain_keys: int
     hot_writes: int
@@ -146,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--reps", type=int, help="repetitions of the side-by-side runs (3)")
     p.add_argument("--connections", default="32,128", help="wrk connection counts (32,128)")
     p.add_argument("--keys", type=int, default=10_000, help="keyspace of the wrk runs")
+    p.add_argument(
+        "--ops", default=",".join(OPS), help=f"side-by-side operations ({','.join(OPS)})"
+    )
+    p.add_argument(
+        "--random-keys", type=int, default=1_000_000, help="keyspace of PUT-random (not prefilled)"
+    )
     p.add_argument("--doc-bytes", type=int, default=200, help="approximate document size")
     p.add_argument("--drain-keys", type=int, help="keys of the cold drain (50000)")
     p.add_argument("--hot-writes", type=int, help="PUTs of the hot burst (20000)")
@@ -199,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     for s in sections:
         if s not in SECTIONS:
             p.error(f"unknown section {s!r} (known: {', '.join(SECTIONS)})")
+    ops = [o.strip() for o in a.ops.split(",") if o.strip()]
+    if not ops or set(ops) - set(OPS):
+        p.error(f"--ops: some of {', '.join(OPS)}, got {a.ops!r}")
     env: dict[str, str] = {}
     for item in a.service_env:
         name, sep, value = item.partition("=")
@@ -212,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         reps=pick(a.reps, 3, 1),
         connections=_ints(a.connections),
         keys=a.keys,
+        ops=ops,
+        random_keys=a.random_keys,
         doc_bytes=a.doc_bytes,
         drain_keys=pick(a.drain_keys, 50_000, 5_000),
         hot_writes=pick(a.hot_writes, 20_000, 4_000),
@@ -461,8 +484,12 @@ async def wrk(
     collection: str,
     opts: Options,
     log: Path,
+    keys: int | None = None,
+    seed: int | None = None,
+    tag: str = "i",
 ) -> dict[str, Any]:
-    """One ``wrk -t1`` run of bench/apps/wrk/load.lua; its summary line, parsed."""
+    """One ``wrk -t1`` run of bench/apps/wrk/load.lua; its summary line, parsed. ``keys``
+    and ``seed`` default to the options'; ``tag`` names put-insert's keys."""
     argv = [
         "wrk",
         "-t1",
@@ -477,10 +504,11 @@ async def wrk(
         "--",
         mode,
         collection,
-        str(opts.keys),
+        str(opts.keys if keys is None else keys),
         str(opts.doc_bytes),
-        str(opts.seed),
+        str(opts.seed if seed is None else seed),
         str(opts.batch_ops),
+        tag,
     ]
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -545,6 +573,8 @@ class Bench:
         self.log_dir = log_dir
         self.redis = redis.Redis.from_url(servers.redis_url)
         self.runs: list[Run] = []
+        self.tag = secrets.token_hex(3)  # put-insert keys: <tag>r<run>-<thread>-<n>
+        self.run_no = 0
 
     def close(self) -> None:
         self.redis.close()
@@ -566,6 +596,9 @@ class Bench:
         rd0 = self.redis_cpu()
         busy0, total0 = system_cpu_seconds()
         wall0 = time.time()
+        # Each run its own put-random sequence and put-insert keys: no run rewrites (so
+        # finds cached) what an earlier repetition or warm-up wrote.
+        self.run_no += 1
         result = await wrk(
             target.port,
             op,
@@ -574,9 +607,17 @@ class Bench:
             target.collection,
             self.opts,
             self.log_dir / "wrk.log",
+            keys=self.opts.random_keys if op == "put-random" else None,
+            seed=self.opts.seed + 1000 * self.run_no if op == "put-random" else None,
+            tag=f"{self.tag}r{self.run_no}",
         )
+        if target.wbcache and op in (*PUT_OPS, "batch"):
+            # What the worker had not yet persisted when the load stopped: about
+            # WRITE_DELAY_MS of writes if it keeps up; near MAX_PENDING, 503s follow.
+            with contextlib.suppress(RuntimeError):
+                result["pending_at_end"] = (await wbcache_stats(target.port))["pending"]
         # The worker's share includes flushing what the run left pending.
-        drain_s = await wait_drained(target) if op in ("put", "batch") else 0.0
+        drain_s = await wait_drained(target) if op in (*PUT_OPS, "batch") else 0.0
         busy1, total1 = system_cpu_seconds()
         api1 = sum(processes.cpu_seconds(p.pid) for p in target.api)
         wk1 = sum(processes.cpu_seconds(p.pid) for p in target.workers)
@@ -594,10 +635,15 @@ class Bench:
         self.runs.append(run)
         errs = result["non_2xx_3xx"] + result["socket_errors"]
         print(
-            f"  rep {rep} {target.name:<14} {op:<5} c={connections:<4} "
+            f"  rep {rep} {target.name:<14} {op:<10} c={connections:<4} "
             f"{result['rps']:>9,.0f} req/s  p50 {result['p50_ms']:6.1f} ms  "
             f"p99 {result['p99_ms']:6.1f} ms  api {result['api_cpu_us_per_req']:.0f} µs/req"
-            + (f"  ERRORS {errs}" if errs else "")
+            + (
+                f"  pending at end {result['pending_at_end']:,}"
+                if "pending_at_end" in result
+                else ""
+            )
+            + (f"  ERRORS {errs} ({result['non_2xx_3xx']} >= 400)" if errs else "")
         )
         return run
 
@@ -641,7 +687,9 @@ class Bench:
             )
         await wait_drained(target)
 
-    async def rotated(self, targets: list[Target], reps: int, label: str) -> None:
+    async def rotated(
+        self, targets: list[Target], reps: int, label: str, ops: Sequence[str] = ("put", "get")
+    ) -> None:
         """Every target, op and connection count per repetition; the targets' order
         rotates between repetitions."""
         for rep in range(reps):
@@ -650,7 +698,7 @@ class Bench:
             print(f"{label} repetition {rep + 1}/{reps}: {', '.join(t.name for t in order)}")
             for target in order:
                 await self.warm_up(target)
-                for op in ("put", "get"):
+                for op in ops:
                     for c in self.opts.connections:
                         await self.measure(target, op, c, rep)
 
@@ -668,11 +716,12 @@ def aggregate(runs: list[Run], names: list[str], connections: list[int]) -> dict
     for r in runs:
         groups[(r.target, r.op, r.connections)].append(r)
     table: dict[str, Any] = {}
-    for op in ("put", "get"):
+    for op in [op for op in OPS if any(r.op == op for r in runs)]:
         for c in connections:
             base = groups.get((CEILING, op, c), [])
             base_rps = med([r.result["rps"] for r in base])
             base_p99 = med([r.result["p99_ms"] for r in base])
+            wt_rps = med([r.result["rps"] for r in groups.get((WRITE_THROUGH, op, c), [])])
             for name in names:
                 rs = groups.get((name, op, c), [])
                 if not rs:
@@ -710,6 +759,11 @@ def aggregate(runs: list[Run], names: list[str], connections: list[int]) -> dict
                     entry["worker_cpu_us_per_req"] = med(wk)
                 if base_rps and rps is not None:
                     entry["x_ceiling"] = round(rps / base_rps, 3)
+                if wt_rps and rps is not None:
+                    entry["x_write_through"] = round(rps / wt_rps, 3)
+                pending = [r.result["pending_at_end"] for r in rs if "pending_at_end" in r.result]
+                if pending:
+                    entry["pending_at_end"] = med(pending)
                 if base_p99 and p99 is not None:
                     entry["p99_x_ceiling"] = round(p99 / base_p99, 3)
                 table[f"{op} c{c} {name}"] = entry
@@ -785,7 +839,7 @@ async def settle(b: Bench) -> None:
 async def section_main(b: Bench, targets: list[Target], out: dict[str, Any]) -> None:
     opts = b.opts
     first = len(b.runs)
-    await b.rotated(targets, opts.reps, "side by side")
+    await b.rotated(targets, opts.reps, "side by side", opts.ops)
     names = [t.name for t in targets]
     runs = b.runs[first:]
     out["runs"] = [r.as_dict() for r in runs]
@@ -1153,29 +1207,35 @@ def targets_verdict(results: dict[str, Any]) -> dict[str, Any]:
     t: dict[str, Any] = {}
     table = results.get("main", {}).get("table", {})
     conns = results["config"]["connections"]
+    ops = results["config"].get("ops", ["put", "get"])
 
-    def add(name: str, value: float | None, bound: float, at_least: bool) -> None:
+    def add(name: str, value: float | None, bound: float, at_least: bool, errors: int = 0) -> None:
         ok = None if value is None else (value >= bound if at_least else value <= bound)
+        if errors:  # non-2xx answers or socket errors in a compared run: no pass
+            ok = False
         t[name] = {"value": value, "bound": bound, "at_least": at_least, "ok": ok}
+        t[name] |= {"errors": errors} if errors else {}
+
+    def errors(op: str, c: int, other: str) -> int:
+        return sum(table.get(f"{op} c{c} {n}", {}).get("errors", 0) for n in (WBCACHE, other))
 
     for c in conns:
-        wb_put = table.get(f"put c{c} {WBCACHE}", {})
-        wt_put = table.get(f"put c{c} {WRITE_THROUGH}", {})
-        wb_get = table.get(f"get c{c} {WBCACHE}", {})
-        add(f"PUT c{c} / ceiling PUT", wb_put.get("x_ceiling"), T_PUT_VS_CEILING, True)
-        vs_wt = (
-            round(wb_put["rps"] / wt_put["rps"], 3)
-            if wb_put.get("rps") and wt_put.get("rps")
-            else None
-        )
-        add(f"PUT c{c} / write-through PUT", vs_wt, T_PUT_VS_WRITE_THROUGH, True)
-        add(f"GET c{c} / ceiling GET", wb_get.get("x_ceiling"), T_GET_VS_CEILING, True)
+        for op in [op for op in OPS if op in ops]:
+            wb, name = table.get(f"{op} c{c} {WBCACHE}", {}), op_label(op)
+            bound = T_GET_VS_CEILING if op == "get" else T_PUT_VS_CEILING
+            e_ceil = errors(op, c, CEILING)
+            add(f"{name} c{c} / ceiling {name}", wb.get("x_ceiling"), bound, True, e_ceil)
+            if op == "get":
+                continue
+            bound, e_wt = T_PUT_VS_WRITE_THROUGH, errors(op, c, WRITE_THROUGH)
+            add(f"{name} c{c} / write-through {name}", wb.get("x_write_through"), bound, True, e_wt)
     c0 = min(conns)
     add(
         f"PUT p99 c{c0} / ceiling PUT p99",
         table.get(f"put c{c0} {WBCACHE}", {}).get("p99_x_ceiling"),
         T_PUT_P99_VS_CEILING,
         False,
+        errors("put", c0, CEILING),
     )
     drain = results.get("drain", {}).get("cold", {})
     add("cold drain / raw upsert", drain.get("ratio_to_raw"), T_DRAIN_VS_RAW, True)
@@ -1204,6 +1264,12 @@ def peak_rss(results: dict[str, Any]) -> tuple[float | None, float | None]:
     return (max(api) if api else None, max(worker) if worker else None)
 
 
+def op_label(op: str) -> str:
+    """``put`` -> ``PUT``, ``put-random`` -> ``PUT-random``."""
+    verb, dash, rest = op.partition("-")
+    return verb.upper() + dash + rest
+
+
 def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -1220,6 +1286,11 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"side by side: medians of {cfg['reps']} repetitions x {cfg['duration']:g} s, "
             f"wrk -t1, {cfg['keys']:,} keys, ~{cfg['doc_bytes']} B documents"
+            + (
+                f"; PUT-random over {cfg['random_keys']:,} keys, PUT-insert of new keys"
+                if {"put-random", "put-insert"} & set(cfg.get("ops", []))
+                else ""
+            )
         )
         header = (
             "op",
@@ -1227,12 +1298,14 @@ def render(results: dict[str, Any]) -> str:
             "app",
             "req/s",
             "x ceiling",
+            "x w-thru",
             "p50 ms",
             "p99 ms",
             "p99 x ceil",
             "API µs/req",
             "worker µs/req",
             "wrk CPU",
+            "pending@end",
             "errors",
         )
         rows: list[tuple[str, ...]] = []
@@ -1240,17 +1313,19 @@ def render(results: dict[str, Any]) -> str:
             op, c, name = key.split(" ", 2)
             rows.append(
                 (
-                    op.upper(),
+                    op_label(op),
                     c[1:],
                     name,
                     _f(e["rps"]),
                     _f(e.get("x_ceiling"), 2),
+                    _f(e.get("x_write_through"), 2),
                     _f(e["p50_ms"], 1),
                     _f(e["p99_ms"], 1),
                     _f(e.get("p99_x_ceiling"), 2),
                     _f(e["api_cpu_us_per_req"]),
                     _f(e.get("worker_cpu_us_per_req")),
                     _f(e.get("wrk_cpu_share"), 2),
+                    _f(e.get("pending_at_end")),
                     _f(e["errors"]),
                 )
             )
@@ -1319,10 +1394,12 @@ def render(results: dict[str, Any]) -> str:
     verdict = results.get("targets", {})
     if verdict:
         lines.append("")
+        width = max(len(name) for name in verdict)
         for name, v in verdict.items():
             bound = f"{'>=' if v['at_least'] else '<='} {v['bound']:g}"
             state = "-" if v["ok"] is None else ("PASS" if v["ok"] else "MISS")
-            lines.append(f"target {name:<32} {_f(v['value'], 2):>8}  {bound:<8} {state}")
+            state += f" ({v['errors']:,} errors)" if v.get("errors") else ""
+            lines.append(f"target {name:<{width}} {_f(v['value'], 2):>8}  {bound:<8} {state}")
     return "\n".join(lines)
 
 
@@ -1409,18 +1486,19 @@ async def _main_task(opts: Options, servers: Servers, log_dir: Path) -> dict[str
 def markdown(results: dict[str, Any]) -> str:
     """The side-by-side table (and the scaling table) as Markdown, for docs."""
     out = [
-        "| op | conns | app | req/s | × ceiling | p50 ms | p99 ms | p99 × ceiling "
-        "| API µs/req | worker µs/req |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | conns | app | req/s | × ceiling | × write-through | p50 ms | p99 ms "
+        "| p99 × ceiling | API µs/req | worker µs/req | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, e in results.get("main", {}).get("table", {}).items():
         op, c, name = key.split(" ", 2)
         bold = "**" if name == WBCACHE else ""
         out.append(
-            f"| {op.upper()} | {c[1:]} | {bold}{name}{bold} | {_f(e['rps'])} "
-            f"| {bold}{_f(e.get('x_ceiling'), 2)}{bold} | {_f(e['p50_ms'], 1)} "
-            f"| {_f(e['p99_ms'], 1)} | {_f(e.get('p99_x_ceiling'), 2)} "
-            f"| {_f(e['api_cpu_us_per_req'])} | {_f(e.get('worker_cpu_us_per_req'))} |"
+            f"| {op_label(op)} | {c[1:]} | {bold}{name}{bold} | {_f(e['rps'])} "
+            f"| {bold}{_f(e.get('x_ceiling'), 2)}{bold} | {_f(e.get('x_write_through'), 2)} "
+            f"| {_f(e['p50_ms'], 1)} | {_f(e['p99_ms'], 1)} | {_f(e.get('p99_x_ceiling'), 2)} "
+            f"| {_f(e['api_cpu_us_per_req'])} | {_f(e.get('worker_cpu_us_per_req'))} "
+            f"| {_f(e['errors'])} |"
         )
     scaling = results.get("scaling", {}).get("table")
     if scaling:
@@ -1452,9 +1530,10 @@ def report(paths: list[Path], as_markdown: bool) -> int:
         ]
         names = [CEILING, WRITE_THROUGH, WBCACHE]
         conns = sorted({r.connections for r in merged})
+        n_ops = len({r.op for r in merged})
         results = {
             **results,
-            "config": {**results["config"], "reps": len(merged) // (len(conns) * 2 * 3)},
+            "config": {**results["config"], "reps": len(merged) // (len(conns) * n_ops * 3)},
             "main": {"table": aggregate(merged, names, conns)},
         }
         print(f"medians over {len(paths)} runs: {', '.join(str(p) for p in paths)}")
@@ -1510,6 +1589,8 @@ def main(argv: list[str] | None = None) -> int:
             "reps": opts.reps,
             "connections": opts.connections,
             "keys": opts.keys,
+            "ops": opts.ops,
+            "random_keys": opts.random_keys,
             "doc_bytes": opts.doc_bytes,
             "drain_keys": opts.drain_keys,
             "hot_writes": opts.hot_writes,

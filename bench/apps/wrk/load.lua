@@ -1,12 +1,15 @@
 -- wrk load script of `python -m bench.suite`:
---   wrk -t1 -cN -dS --latency -s load.lua URL -- MODE COLLECTION KEYS DOC_BYTES SEED [OPS]
+--   wrk -t1 -cN -dS --latency -s load.lua URL -- MODE COLLECTION KEYS DOC_BYTES SEED [OPS [TAG]]
 -- MODE put:   PUT /v1/COLLECTION/k<i> with a ~DOC_BYTES JSON document, i uniform in [0, KEYS)
 -- MODE get:   GET /v1/COLLECTION/k<i>, i uniform in [0, KEYS)
 -- MODE batch: POST /v1/batch with OPS puts on distinct random keys (64 bodies, cycled)
+-- MODE put-random: as put, the path built per request (KEYS may be 1,000,000: most keys new)
+-- MODE put-insert: PUT /v1/COLLECTION/TAG-<thread>-<n>, n counting up: each key written once
+--   (TAG must be unique per run: no other run, repetition or app has written these keys)
 -- done() prints one line "WRK_JSON {...}" with the counts and latency percentiles (µs);
 -- for batch, also the operations whose own status (in the 200 answer) is not 200/201.
 
-local mode, collection, nkeys, doc_bytes, ops = "put", "bench", 10000, 200, 100
+local mode, collection, nkeys, doc_bytes, ops, tag = "put", "bench", 10000, 200, 100, "i"
 local paths = {}
 local pad = ""
 local seq = 0
@@ -17,6 +20,7 @@ local threads = {}
 op_errors = 0 -- global: done() reads it from each thread with thread:get
 
 function setup(thread)
+  thread:set("id", #threads) -- the thread's own key space in put-insert
   threads[#threads + 1] = thread
 end
 
@@ -43,10 +47,13 @@ function init(args)
   collection = args[2] or collection
   nkeys = tonumber(args[3] or nkeys)
   doc_bytes = tonumber(args[4] or doc_bytes)
-  math.randomseed(tonumber(args[5] or 1))
+  math.randomseed(tonumber(args[5] or 1) + id) -- with -tN, N different key sequences
   ops = tonumber(args[6] or ops)
-  for i = 0, nkeys - 1 do
-    paths[i] = string.format("/v1/%s/k%07d", collection, i)
+  tag = (args[7] or tag) .. "-" .. id .. "-"
+  if mode == "put" or mode == "get" then
+    for i = 0, nkeys - 1 do
+      paths[i] = string.format("/v1/%s/k%07d", collection, i)
+    end
   end
   local base = #document(nkeys - 1, 1000000)
   pad = string.rep("x", math.max(0, doc_bytes - base))
@@ -76,6 +83,15 @@ function request()
     return wrk.format("PUT", paths[i], json_headers, document(i, seq))
   elseif mode == "get" then
     return wrk.format("GET", paths[math.random(0, nkeys - 1)])
+  elseif mode == "put-random" then
+    local i = math.random(0, nkeys - 1)
+    seq = seq + 1
+    local path = string.format("/v1/%s/k%07d", collection, i)
+    return wrk.format("PUT", path, json_headers, document(i, seq))
+  elseif mode == "put-insert" then
+    seq = seq + 1
+    local path = string.format("/v1/%s/%s%d", collection, tag, seq)
+    return wrk.format("PUT", path, json_headers, document(seq, seq))
   else
     next_body = next_body % #bodies + 1
     return wrk.format("POST", "/v1/batch", json_headers, bodies[next_body])
