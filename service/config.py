@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # Connections
     pg_pool_max: int = 8
     redis_max_connections: int = 128
+    # The records hot path's commands share one connection per API process, written
+    # together (auto-pipelining: service/adapters/redis_mux.py). Off: a pooled connection
+    # per command. Not used on a Cluster.
+    redis_multiplex: bool = True
     pg_timeout_seconds: float = 5.0
     # 0 behind pgbouncer in transaction pooling mode (no prepared statements across
     # transactions); asyncpg's default otherwise.

@@ -65,10 +65,15 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     # A worker stopped while starting up (its startup cancelled) has only part of ctx.
-    for name in ("heartbeat", "key_filter_build"):
-        task: asyncio.Task[Any] | None = ctx.get(name)
-        if task is not None:
-            task.cancel()
+    # Cancelled and waited for: a task stopped mid-command must give its connection back
+    # before the pools close.
+    tasks: list[asyncio.Task[Any]] = [
+        t for t in (ctx.get("heartbeat"), ctx.get("key_filter_build")) if t is not None
+    ]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
     flusher: Flusher | None = ctx.get("flusher")
     if flusher is None:
         return

@@ -60,6 +60,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.adapters.arq import use_prefix
 from service.adapters.identity import client_name
 from service.adapters.redis_cluster import ClusterClient
+from service.adapters.redis_mux import RedisMux
 from service.adapters.redis_url import (
     SentinelUrl,
     is_cluster_url,
@@ -334,3 +335,12 @@ def create_arq_redis(process: str, settings: Settings) -> ArqRedis | None:
         return None
     use_prefix(settings.redis_prefix)
     return _standalone(settings.arq_redis_url, settings, _options(process, settings, {}))
+
+
+def create_mux(client: AnyRedis, settings: Settings) -> RedisMux | None:
+    """The records hot path's shared connection (service/adapters/redis_mux.py), of
+    ``client``'s kind: for a standalone or Sentinel client with REDIS_MULTIPLEX on, else
+    None. (A Cluster client keeps redis-py's per-node pools.)"""
+    if not settings.redis_multiplex or not isinstance(client, Redis):
+        return None
+    return RedisMux(client.connection_pool, timeout=_options("api", settings, {})["socket_timeout"])

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.adapters.postgres import PgPool
-from service.adapters.redis import close_redis, connect_redis, create_arq_redis
+from service.adapters.redis import connect_redis, create_arq_redis, create_mux
 from service.adapters.redis_check import check_redis_durability
 from service.api import batch, dashboard, deadletters, errors, ops, records
 from service.api.auth import ApiKeys, Guard
@@ -54,17 +54,19 @@ def build_state(
     scripts = Scripts.register(redis)
     counters = HitCounters()
     shards = Shards.from_settings(settings)
+    mux = create_mux(redis, settings)
     return AppState(
         settings=settings,
         shards=shards,
         redis=redis,
         arq=arq,
         pg=pg,
-        store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record, arq=arq),
+        store=RecordStore(redis, pg, settings, scripts, on_hit=counters.record, arq=arq, mux=mux),
         write_through=WriteThrough(Flusher(redis, pg, settings, scripts)),
         counters=counters,
         metrics=metrics or Metrics(),
         dead_letters=DeadLetters(redis, shards, scripts, arq),
+        mux=mux,
     )
 
 
@@ -127,10 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 t.cancel()
             with contextlib.suppress(Exception):
                 await state.flush_counters()
-            await state.pg.close()
-            await close_redis(state.redis)
-            if state.arq is not None and state.arq is not state.redis:
-                await close_redis(state.arq)
+            await state.aclose()
 
     app = WbcacheApp(
         docs_url=None,

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from arq.connections import ArqRedis
 
 from service.adapters.postgres import PgPool
-from service.adapters.redis import AnyRedis
+from service.adapters.redis import AnyRedis, close_redis
+from service.adapters.redis_mux import RedisMux
 from service.api.metrics import Metrics
 from service.config import Settings
 from service.core.deadletters import DeadLetters
@@ -50,8 +51,19 @@ class AppState:
     counters: HitCounters
     metrics: Metrics
     dead_letters: DeadLetters
+    # The records hot path's shared connection (None: the pool for everything).
+    mux: RedisMux | None = None
     postgres_status: str = "unknown"
     redis_config_warnings: list[str] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        """Close the connections: Postgres, the shared Redis connection, the clients."""
+        await self.pg.close()
+        if self.mux is not None:
+            await self.mux.aclose()
+        await close_redis(self.redis)
+        if self.arq is not None and self.arq is not self.redis:
+            await close_redis(self.arq)
 
     async def flush_counters(self) -> None:
         hits, misses = self.counters.take()

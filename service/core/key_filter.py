@@ -20,6 +20,13 @@ from before the bitmap existed that are still queued have one), then every key o
 before its entry went away, so before that read), ORs them in, and sets the complete bit.
 Writes during the build add themselves.
 
+The filter is trusted only on the Redis server that completed it (its ``run_id``, kept
+next to it): on a replica promoted by a failover, or after a restart, keys written just
+before may be missing from it while Postgres holds their rows, so writes read Postgres
+again until a worker has completed it there. The client learns a server's ``run_id`` on
+each connection (service/adapters/redis_mux.py, which the filter needs: without it, as on
+a Redis Cluster for now, or with REDIS_MULTIPLEX off, the filter is not used).
+
 Rows written into Postgres behind the service's back are unknown to a complete filter:
 delete the filter's keys (``<prefix>kf:*``) after such an import, and a worker rebuilds.
 
@@ -55,7 +62,7 @@ class KeyFilter:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyFilter:
-        if settings.key_filter_capacity <= 0:
+        if settings.key_filter_capacity <= 0 or settings.cluster:
             return cls(0)
         per_shard = settings.key_filter_capacity * BITS_PER_KEY / settings.shards
         return cls(max(MIN_BITS, math.ceil(per_shard / 8) * 8))
@@ -78,12 +85,16 @@ class KeyFilter:
         h2 = int.from_bytes(digest[8:16], "big") | 1
         return [(h1 + i * h2) % self.bits for i in range(HASHES)]
 
-    def script_args(self, m: str) -> list[int | str]:
-        """What the write script takes: the complete bit's index and ``m``'s bits, or ""
-        (no filter)."""
+    def script_args(self, m: str, run_id: str = "") -> list[int | str]:
+        """What the scripts take: the complete bit's index, the run_id of the server the
+        command goes to ("": not known, the filter is not trusted) and ``m``'s bits; or
+        "" (no filter)."""
         if not self.bits:
             return [""]
-        return [self.bits, *self.positions(m)]
+        return [self.bits, run_id, *self.positions(m)]
+
+    def origin(self, keys: Keys) -> str:
+        return keys.key_filter_origin(self.bits)
 
     def bitmap(self, members: Iterable[str] = ()) -> bytearray:
         """A bitmap of ``members`` in Redis' bit order (bit 0 is the first byte's highest),

@@ -28,13 +28,27 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-async def incomplete(redis: AnyRedis, shards: Shards, key_filter: KeyFilter) -> list[int]:
-    """The shards whose filter lacks its complete bit (one round trip per Redis node)."""
+async def incomplete(
+    redis: AnyRedis, shards: Shards, key_filter: KeyFilter, run_id: str
+) -> list[int]:
+    """The shards whose filter lacks its complete bit or was completed on another server
+    than the one with ``run_id`` (a failover, a restart)."""
     async with redis.pipeline(transaction=False) as pipe:
         for k in shards:
             pipe.getbit(key_filter.key(k), key_filter.complete_bit)
-        bits = await pipe.execute()
-    return [i for i, bit in enumerate(bits) if not bit]
+            pipe.get(key_filter.origin(k))
+        replies = await pipe.execute()
+    return [
+        i
+        for i, (bit, origin) in enumerate(zip(replies[::2], replies[1::2], strict=True))
+        if not bit or _s(origin or b"") != run_id
+    ]
+
+
+async def server_run_id(redis: AnyRedis) -> str:
+    """The run_id of the (standalone or primary) Redis server ``redis`` talks to."""
+    info: dict[str, Any] = await redis.info("server")
+    return str(info.get("run_id", ""))
 
 
 # The most of a Redis' maxmemory a filter may take: a filter sized for far more keys than
@@ -43,15 +57,11 @@ MAX_SHARE = 0.1
 _warned = False
 
 
-async def _room_for(redis: AnyRedis, key: str, key_filter: KeyFilter) -> bool:
-    """Whether the Redis (node) holding ``key`` has room for a filter: no maxmemory, or
+async def _room_for(redis: AnyRedis, key_filter: KeyFilter) -> bool:
+    """Whether the Redis has room for a filter: no maxmemory, or
     the filter within MAX_SHARE of it. Says why not once per process."""
     global _warned
-    if isinstance(redis, RedisCluster):
-        node = redis.get_node_from_key(key)
-        info: dict[str, Any] = await redis.info("memory", target_nodes=node)
-    else:
-        info = await redis.info("memory")
+    info: dict[str, Any] = await redis.info("memory")
     limit = int(info.get("maxmemory", 0))
     needed = key_filter.bits // 8 + 1
     if not limit or needed <= limit * MAX_SHARE:
@@ -76,15 +86,19 @@ async def complete_filters(
     are complete, there is no filter, or another worker is building)."""
     if not key_filter.enabled:
         return []
-    todo = await incomplete(redis, shards, key_filter)
-    if not todo or not await _room_for(redis, key_filter.key(shards[todo[0]]), key_filter):
+    if isinstance(redis, RedisCluster):
+        return []  # no filter on a Cluster yet (KeyFilter.from_settings)
+    run_id = await server_run_id(redis)
+    todo = await incomplete(redis, shards, key_filter, run_id)
+    if not todo or not await _room_for(redis, key_filter):
         return []
     lock, token = shards.any.key_filter_lock, uuid.uuid4().hex
     if not await redis.set(lock, token, nx=True, px=LOCK_MS):
         return []
     started = time.monotonic()
     try:
-        # From here on the bitmaps exist, so every write sets its key's bits.
+        # From here on the bitmaps exist, so every write sets its key's bits (a bitmap
+        # completed on another server keeps what it holds: keys that were written).
         async with redis.pipeline(transaction=False) as pipe:
             for i in todo:
                 pipe.setbit(key_filter.key(shards[i]), key_filter.complete_bit, 0)
@@ -111,8 +125,12 @@ async def complete_filters(
         for i, bitmap in built.items():
             k = shards[i]
             await scripts.key_filter(
-                keys=[key_filter.key(k), k.key_filter_scratch(key_filter.bits)],
-                args=[bytes(bitmap), key_filter.complete_bit],
+                keys=[
+                    key_filter.key(k),
+                    k.key_filter_scratch(key_filter.bits),
+                    key_filter.origin(k),
+                ],
+                args=[bytes(bitmap), key_filter.complete_bit, run_id],
             )
         log.info(
             "key filter complete in %d shard(s): %d keys from Postgres in %.1f s",

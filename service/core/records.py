@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from service.adapters.arq import schedule_flush
 from service.adapters.postgres import PgPool
 from service.adapters.redis import AnyRedis
+from service.adapters.redis_mux import RedisMux
 from service.config import Settings
 from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
@@ -152,8 +153,11 @@ class RecordStore:
         scripts: Scripts,
         on_hit: Callable[[bool], None] | None = None,
         arq: ArqRedis | None = None,
+        mux: RedisMux | None = None,
     ) -> None:
         self.redis = redis
+        # The single-key write and read share one connection (auto-pipelined) when given.
+        self.mux = mux
         self.pg = pg
         self.settings = settings
         self.shards = Shards.from_settings(settings)
@@ -188,22 +192,22 @@ class RecordStore:
             raise unavailable from exc
 
     async def _never_written(self, collection: str, key: str) -> bool:
-        """Whether the key filter is complete and lacks one of the key's bits."""
-        if not self.key_filter.enabled:
+        """Whether the key filter (complete, and completed on this server) lacks one of
+        the key's bits."""
+        if not self.key_filter.enabled or self.mux is None:
             return False
         m = member(collection, key)
-        ops: list[Any] = []
-        for bit in self.key_filter.script_args(m):
-            ops += ["GET", "u1", bit]
-        # BITFIELD_RO: BITFIELD, even with GETs only, is refused when Redis is full.
-        bits = await self.redis.execute_command(
-            "BITFIELD_RO", self.key_filter.key(self.shards.for_member(m)), *ops
+        k = self.shards.for_member(m)
+        keys = [self.key_filter.key(k), self.key_filter.origin(k)]
+        answer = await self._mux_script(
+            self.scripts.key_filter_check,
+            lambda run_id: (keys, self.key_filter.script_args(m, run_id)),
         )
-        return bool(bits[0]) and not all(bits[1:])
+        return bool(answer)
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _write_command(self, call: WriteCall) -> tuple[list[str], list[Any]]:
+    def _write_command(self, call: WriteCall, run_id: str = "") -> tuple[list[str], list[Any]]:
         """The write script's keys and arguments (service/core/lua/write.lua documents
         them)."""
         k = self.shards.for_record(call.collection, call.key)
@@ -218,6 +222,7 @@ class RecordStore:
             k.dead,
             k.pending_counts,
             self.key_filter.key(k),
+            self.key_filter.origin(k),
         ]
         m = member(call.collection, call.key)
         args = [
@@ -234,18 +239,41 @@ class RecordStore:
             "1" if stored is not None and stored.value is not None else "0",
             self.settings.write_delay_ms + 5000,
             0 if call.force else self.settings.max_pending,
-            *self.key_filter.script_args(m),
+            *self.key_filter.script_args(m, run_id),
         ]
         return keys, args
 
-    async def _call_write(self, command: tuple[list[str], list[Any]]) -> list[Any]:
+    async def _call_write(self, call: WriteCall) -> list[Any]:
         """The write script's reply; with REDIS_MIN_REPLICAS, followed by WAIT's count of
-        the replicas that hold the write (both in one round trip)."""
+        the replicas that hold the write (both in one round trip). Through the shared
+        connection when there is one: then the key filter can be trusted (its run_id)."""
         if self._replicas:
-            return await self._call_write_waited(command)
-        keys, args = command
-        result: list[Any] = await self.scripts.write(keys=keys, args=args)
-        return result
+            return await self._call_write_waited(self._write_command(call))
+        if self.mux is None:
+            keys, args = self._write_command(call)
+            result: list[Any] = await self.scripts.write(keys=keys, args=args)
+            return result
+        reply: list[Any] = await self._mux_script(
+            self.scripts.write, lambda run_id: self._write_command(call, run_id)
+        )
+        return reply
+
+    async def _mux_script(
+        self, script: AsyncScript, command: Callable[[str], tuple[list[str], list[Any]]]
+    ) -> Any:
+        """``script`` through the shared connection, its keys and arguments built for the
+        server it goes to (``RedisMux.execute_bound``); loaded first if Redis lost it."""
+        assert self.mux is not None
+
+        def evalsha(run_id: str) -> list[Any]:
+            keys, args = command(run_id)
+            return ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+        try:
+            return await self.mux.execute_bound(evalsha)
+        except NoScriptError:  # Redis restarted (or flushed its scripts): load it, again
+            await self.redis.script_load(script.script)
+            return await self.mux.execute_bound(evalsha)
 
     async def _call_write_waited(self, command: tuple[list[str], list[Any]]) -> list[Any]:
         """EVALSHA then WAIT, one pipeline. NOSCRIPT (Redis restarted): load the script and
@@ -369,7 +397,7 @@ class RecordStore:
         (and existence, for preconditions) and the script runs again. With
         REDIS_MIN_REPLICAS, raises ReplicasUnconfirmed for a write the primary applied but
         too few replicas confirmed in time (it is queued all the same)."""
-        raw = await self._call_write(self._write_command(call))
+        raw = await self._call_write(call)
         reply = _write_outcome(raw)
         if reply is None:
             try:
@@ -383,7 +411,7 @@ class RecordStore:
                     raise
                 stored = repository.StoredRow(None, 0)
             call = replace(call, stored=stored)
-            raw = await self._call_write(self._write_command(call))
+            raw = await self._call_write(call)
             reply = _write_outcome(raw)
             if reply is None:  # the script answers MISS only when not given the row
                 raise AssertionError("the write script answered MISS with the row given")
@@ -437,7 +465,10 @@ class RecordStore:
 
     async def read(self, collection: str, key: str, fill: bool = True) -> Record:
         entry = self.shards.for_record(collection, key).entry(collection, key)
-        v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
+        if self.mux is None:
+            v, d, t, x = await self.redis.hmget(entry, _READ_FIELDS)  # type: ignore[misc]
+        else:
+            v, d, t, x = await self.mux.execute("HMGET", entry, *_READ_FIELDS)
         if v is not None:
             if fill and self._on_hit:
                 self._on_hit(True)

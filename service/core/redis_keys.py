@@ -113,6 +113,10 @@ class Keys:
         """Bitmap: the shard's key filter of ``bits`` bits (service/core/key_filter.py)."""
         return f"{self.shard_prefix}kf:{bits}"
 
+    def key_filter_origin(self, bits: int) -> str:
+        """String: the run_id of the Redis server on which the filter was completed."""
+        return f"{self.shard_prefix}kf:{bits}:origin"
+
     def key_filter_scratch(self, bits: int) -> str:
         """String: a key filter build's bitmap, for the moment it is ORed in."""
         return f"{self.shard_prefix}kf:{bits}:build"

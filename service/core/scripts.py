@@ -56,6 +56,7 @@ class Scripts:
     dead_letters: AsyncScript
     heartbeat: AsyncScript
     key_filter: AsyncScript
+    key_filter_check: AsyncScript
 
     @classmethod
     def register(cls, redis: AnyRedis) -> Scripts:
@@ -70,4 +71,5 @@ class Scripts:
             dead_letters=script(redis, _source("deadletters")),
             heartbeat=script(redis, _source("heartbeat")),
             key_filter=script(redis, _source("keyfilter")),
+            key_filter_check=script(redis, _source("keyfilter_check")),
         )

@@ -5,19 +5,25 @@ one, through a loss of the filter, a build, and evictions of the cache entries."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
+from service.adapters.postgres import PgPool
+from service.adapters.redis import close_redis, connect_redis
 from service.config import Settings
 from service.core import repository
 from service.core.flusher import Flusher
 from service.core.key_filter import complete
 from service.core.key_filter_build import complete_filters
+from service.core.scripts import Scripts
 from tests.conftest import running_api
+from tests.integration.test_redis_faults import throwaway_redis
 
 # Nothing listens there: an API given this Postgres answers 503 to anything that reads it.
 NO_POSTGRES = "postgresql://postgres@127.0.0.1:9/nothing"
@@ -128,3 +134,41 @@ async def test_a_key_postgres_holds_is_never_new(
     r = await api.put("/v1/kf/gone", json={"v": 2})
     assert r.status_code == 201 and r.json()["version"] > gone, r.text
     assert (await api.put("/v1/kf/new", json={"v": 1})).status_code == 201
+
+
+async def test_the_filter_is_trusted_only_on_the_server_that_completed_it(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A restart (as a failover to a replica) may lose filter bits of keys whose rows
+    reached Postgres meanwhile. Modelled by a row the filter never saw: trusted on the
+    server that completed the filter, it would be taken for new (201); after the restart
+    that server is another run, so the write reads Postgres (412) until a worker has
+    completed the filter again there."""
+    async with throwaway_redis(tmp_path / "redis", aof=True) as server:
+        settings = settings_factory(redis_url=server.url)
+        client = connect_redis("test-flusher", settings)
+        pool = PgPool("test-flusher", settings)
+        f = Flusher(client, pool, settings, Scripts.register(client))
+        try:
+            assert await _build(f) == [0]
+            for key in ("before", "after"):
+                await pg.execute(
+                    "INSERT INTO records (collection, key, value, version, updated_at) "
+                    "VALUES ('kf', $1, '{}', 5, now())",
+                    key,
+                )
+            once = {"If-None-Match": "*"}
+            async with running_api(settings) as api:
+                r = await api.put("/v1/kf/before", json={}, headers=once)
+                assert r.status_code == 201, r.text  # the filter's word, unchecked
+            await asyncio.to_thread(server.restart)
+            async with running_api(settings) as api:
+                r = await api.put("/v1/kf/after", json={}, headers=once)
+                assert r.status_code == 412, r.text
+                assert await _build(f) == [0]  # completed again, on this run
+                r = await api.put("/v1/kf/after", json={}, headers=once)
+                assert r.status_code == 412, r.text
+                assert (await api.put("/v1/kf/new", json={}, headers=once)).status_code == 201
+        finally:
+            await pool.close()
+            await close_redis(client)

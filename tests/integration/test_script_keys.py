@@ -52,7 +52,7 @@ FIRST_KEY = {
     "get", "set", "pexpire", "persist",
     "hget", "hset", "hdel", "hmget", "hgetall", "hexists", "hincrby", "hlen",
     "zadd", "zrem", "zscore", "zrangebyscore", "zremrangebyscore", "zcard",
-    "bitfield", "bitfield_ro", "setbit",
+    "bitfield", "getbit", "setbit",
 }  # fmt: skip
 ALL_KEYS = {"del", "exists"}
 # Commands whose first argument is an operation and all the others keys.

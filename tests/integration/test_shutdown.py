@@ -14,7 +14,6 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.adapters.redis import close_redis
 from service.api.app import build_state
 from service.config import Settings
 from service.core.records import Op, Status, WriteCall
@@ -147,8 +146,7 @@ async def _seed(settings: Settings, collection: str, n: int) -> dict[str, int]:
     try:
         return dict(await asyncio.gather(*(one(i) for i in range(n))))
     finally:
-        await state.pg.close()
-        await close_redis(state.redis)
+        await state.aclose()
 
 
 async def test_sigterm_of_worker_mid_drain_hands_back_its_batches(

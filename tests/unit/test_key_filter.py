@@ -27,7 +27,7 @@ def test_positions_are_stable_and_in_range() -> None:
     assert positions == kf.positions("users:alice") and len(positions) == HASHES
     assert all(0 <= p < kf.bits for p in positions)
     assert kf.positions("users:bob") != positions
-    assert kf.script_args("users:alice") == [kf.bits, *positions]
+    assert kf.script_args("users:alice", "r1") == [kf.bits, "r1", *positions]
 
 
 def test_a_bitmap_holds_what_was_added_in_redis_bit_order() -> None:
@@ -48,3 +48,8 @@ def test_false_positives_stay_near_one_percent_at_capacity() -> None:
     bitmap = bytes(kf.bitmap(f"c:{i}" for i in range(20_000)))
     false = sum(kf.may_hold(bitmap, f"other:{i}") for i in range(20_000))
     assert false / 20_000 < 0.02
+
+
+def test_no_filter_on_a_cluster_yet() -> None:
+    settings = Settings(redis_url="redis+cluster://127.0.0.1:7000", redis_prefix="t:")
+    assert not KeyFilter.from_settings(settings).enabled

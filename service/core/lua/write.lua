@@ -1,13 +1,15 @@
 -- The whole write path in one round trip: preconditions, version, entry, dirty mark,
 -- backpressure and "must a flush be scheduled?".
--- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts, 7 key filter
+-- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts, 7 key filter,
+--       8 the key filter's origin
 -- ARGV: 1 op (put|del|patch), 2 document, 3 member,
 --       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
 --       6 If-None-Match mode, 7 If-None-Match list,
 --       8 expected version for a patch compare-and-set ("" = none),
 --       9 Postgres known (0/1), 10 Postgres version floor, 11 Postgres row exists (0/1),
 --       12 wake TTL ms, 13 max pending ("0": no limit, for writes forced through),
---       14 the key filter's complete bit ("" = no filter), 15.. the member's filter bits
+--       14 the key filter's complete bit ("" = no filter), 15 this server's run_id, as the
+--       client learnt it on this connection ("": unknown), 16.. the member's filter bits
 -- Returns {status, version, created, schedule}; status OK, MISS, NOTFOUND, PRECOND,
 -- CONFLICT or FULL.
 local e = KEYS[1]
@@ -27,24 +29,19 @@ elseif ARGV[9] == '1' then
   curv = ARGV[10]
 else
   -- Not cached, Postgres not asked: a complete key filter (service/core/key_filter.py)
-  -- with one of the member's bits unset says Postgres has neither row nor tombstone.
-  if not filtered then
+  -- with one of the member's bits unset says Postgres has neither row nor tombstone;
+  -- trusted only on the server that completed it (a failover or a restart may have lost
+  -- bits of keys Postgres now holds).
+  if not filtered or ARGV[15] == '' or redis.call('GET', KEYS[8]) ~= ARGV[15] then
     return {'MISS'}
   end
-  local get = {'GET', 'u1', ARGV[14]}
-  for i = 15, #ARGV do
-    get[#get + 1] = 'GET'
-    get[#get + 1] = 'u1'
-    get[#get + 1] = ARGV[i]
-  end
-  local bits = redis.call('BITFIELD_RO', KEYS[7], unpack(get))
   local absent = false
-  for i = 2, #bits do
-    if bits[i] == 0 then
-      absent = true
+  if redis.call('GETBIT', KEYS[7], ARGV[14]) == 1 then
+    for i = 16, #ARGV do
+      absent = absent or redis.call('GETBIT', KEYS[7], ARGV[i]) == 0
     end
   end
-  if bits[1] == 0 or not absent then
+  if not absent then
     return {'MISS'}
   end
   exists = false
@@ -119,7 +116,7 @@ end
 -- worker creates the filter (key_filter_build.py): its bitmap is sized for the capacity.
 if filtered and redis.call('EXISTS', KEYS[7]) == 1 then
   local set = {}
-  for i = 15, #ARGV do
+  for i = 16, #ARGV do
     set[#set + 1] = 'SET'
     set[#set + 1] = 'u1'
     set[#set + 1] = ARGV[i]
