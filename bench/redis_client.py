@@ -1,4 +1,5 @@
-"""CPU per Redis command of the API's client, stock redis-py against service/redis_pool.py:
+"""CPU per Redis command of the API's client: stock redis-py, service/adapters/redis.py's
+pool, and service/adapters/redis_mux.py's shared auto-pipelined connection:
 ``python -m bench.redis_client [REDIS_URL]`` (default ``redis://127.0.0.1:6379/12``; it
 writes keys under ``wbmicro:`` and deletes them at the end).
 
@@ -22,6 +23,7 @@ import orjson
 from redis.asyncio import ConnectionPool, Redis
 
 from service.adapters.redis import LeanConnectionPool
+from service.adapters.redis_mux import RedisMux
 
 DOC = orjson.dumps({"id": 1, "name": "user-000001", "notes": "x" * 150})
 SCRIPT = "redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2]) return {'OK', ARGV[1], '0'}"
@@ -59,6 +61,34 @@ async def _round(client: Redis, op: str, tasks: int, calls: int) -> tuple[float,
     return (c1 - c0) / n * 1e6, n / (t1 - t0)
 
 
+async def _round_mux(url: str, op: str, tasks: int, calls: int) -> tuple[float, float]:
+    """``_round`` through service/adapters/redis_mux.py's shared connection."""
+    pool = LeanConnectionPool.from_url(url, **OPTIONS)
+    mux = RedisMux(pool)
+    sha = await mux.execute("SCRIPT", "LOAD", SCRIPT)
+
+    async def one(i: int) -> None:
+        for j in range(calls):
+            entry = f"wbmicro:e:{i}:{j % 10}"
+            if op == "evalsha":
+                keys = [entry, "wbmicro:d", "wbmicro:i", "wbmicro:w", "wbmicro:x"]
+                args: list[Any] = [str(j), DOC, "put", "m", "0", "", "0", "", "", "0", "0"]
+                await mux.execute("EVALSHA", sha, len(keys), *keys, *args, "0", 6000)
+            else:
+                await mux.execute("HMGET", entry, "v", "d", "t", "x")
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(tasks)))  # warm-up
+        c0, t0 = _cpu(), time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(tasks)))
+        c1, t1 = _cpu(), time.perf_counter()
+    finally:
+        await mux.aclose()
+        await pool.aclose()
+    n = tasks * calls
+    return (c1 - c0) / n * 1e6, n / (t1 - t0)
+
+
 async def run(url: str, tasks: int, calls: int, rounds: int) -> None:
     pools: dict[str, Callable[[], ConnectionPool]] = {
         "redis-py ConnectionPool": lambda: ConnectionPool.from_url(url, **OPTIONS),
@@ -71,6 +101,8 @@ async def run(url: str, tasks: int, calls: int, rounds: int) -> None:
                 client = Redis(connection_pool=make())
                 results.setdefault((op, name), []).append(await _round(client, op, tasks, calls))
                 await client.aclose(close_connection_pool=True)
+            mux_round = await _round_mux(url, op, tasks, calls)
+            results.setdefault((op, "service RedisMux (shared)"), []).append(mux_round)
     cleanup = Redis.from_url(url)
     async for key in cleanup.scan_iter(match="wbmicro:*", count=1000):
         await cleanup.delete(key)
