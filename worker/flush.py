@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -61,14 +62,24 @@ async def flush(ctx: dict[str, Any]) -> int:
     return await drain(ctx)
 
 
+@dataclass
+class SweepState:
+    """What sweeps keep from one to the next. In the worker's ctx from its startup: arq
+    hands each job a copy of that dict, so a value set on the copy would be lost."""
+
+    sweeps: int = 0
+    key_filter_build: asyncio.Task[list[int]] | None = None
+
+
 async def sweep(ctx: dict[str, Any]) -> int:
     flushed = await drain(ctx)
-    ctx["sweeps"] = ctx.get("sweeps", 0) + 1
-    build: asyncio.Task[list[int]] | None = ctx.get("key_filter_build")
+    state: SweepState = ctx["sweep_state"]
+    state.sweeps += 1
+    build = state.key_filter_build
     if build is None or build.done():
         # In the background: a build reads every key in Postgres (seconds per million).
-        ctx["key_filter_build"] = asyncio.create_task(_complete_key_filters(ctx["flusher"]))
-    if ctx["sweeps"] % 720 == 1:  # about hourly: forget deletes older than the retention
+        state.key_filter_build = asyncio.create_task(_complete_key_filters(ctx["flusher"]))
+    if state.sweeps % 720 == 1:  # about hourly: forget deletes older than the retention
         flusher: Flusher = ctx["flusher"]
         try:
             pool = await flusher.pg.get()

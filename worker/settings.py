@@ -24,7 +24,7 @@ from service.core.errors import classify
 from service.core.flusher import Flusher
 from service.core.scripts import Scripts
 from service.core.shards import Shards
-from worker.flush import drain, flush, sweep
+from worker.flush import SweepState, drain, flush, sweep
 
 log = logging.getLogger("wbcache.worker")
 
@@ -57,6 +57,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pg"] = pg
     ctx["flusher"] = Flusher(redis, pg, settings, Scripts.register(redis))
     ctx["flush_lock"] = asyncio.Lock()
+    ctx["sweep_state"] = SweepState()
     with contextlib.suppress(Exception):
         await check_redis_durability(redis)
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
@@ -67,9 +68,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     # A worker stopped while starting up (its startup cancelled) has only part of ctx.
     # Cancelled and waited for: a task stopped mid-command must give its connection back
     # before the pools close.
-    tasks: list[asyncio.Task[Any]] = [
-        t for t in (ctx.get("heartbeat"), ctx.get("key_filter_build")) if t is not None
-    ]
+    sweep_state: SweepState | None = ctx.get("sweep_state")
+    build = sweep_state.key_filter_build if sweep_state is not None else None
+    tasks: list[asyncio.Task[Any]] = [t for t in (ctx.get("heartbeat"), build) if t is not None]
     for task in tasks:
         task.cancel()
     if tasks:

@@ -25,11 +25,13 @@ from service.config import Settings
 from service.core import flusher as flusher_module
 from service.core import repository, stats
 from service.core.flusher import BUG_RETRIES, Flusher
+from service.core.key_filter_build import incomplete, server_run_id
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_until
 from tests.integration.test_dead_letters import metric, poison_constraint, rows, settled
+from worker import flush as flush_jobs
 from worker import settings as worker_settings_module
 
 HOUR_MS = 3_600_000
@@ -458,3 +460,33 @@ async def test_worker_with_a_slow_clock_counts_as_live(
 
     async with running_worker(settings):
         await wait_until(live, timeout=10)
+
+
+async def test_sweeps_keep_their_state_across_arq_job_contexts(
+    flusher: Flusher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """arq runs each cron sweep with a copy of the worker's ctx: what a sweep keeps (its
+    count, which paces the hourly tombstone collection, and the key filter build, which
+    shutdown must wait for) lives in an object the copies share. Set on the copy, the
+    build task was never waited for (a worker connection left open at shutdown) and
+    tombstones were collected at every sweep."""
+    collections: list[int] = []
+
+    async def gc(pool: Any, days: int) -> int:
+        collections.append(days)
+        return 0
+
+    monkeypatch.setattr(repository, "gc_tombstones", gc)
+    ctx: dict[str, Any] = {
+        "flusher": flusher,
+        "flush_lock": asyncio.Lock(),
+        "sweep_state": flush_jobs.SweepState(),
+    }
+    for _ in range(3):
+        await flush_jobs.sweep({**ctx, "job_id": "cron:sweep"})  # as arq calls it
+    state = ctx["sweep_state"]
+    assert state.sweeps == 3 and len(collections) == 1
+    assert state.key_filter_build is not None
+    await state.key_filter_build
+    run_id = await server_run_id(flusher.redis)
+    assert await incomplete(flusher.redis, flusher.shards, flusher.key_filter, run_id) == []
