@@ -169,6 +169,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--results-dir", type=Path, default=core.RESULTS_DIR)
     p.add_argument("--chart", type=Path, default=CHART, help=f"PNG to draw ({CHART})")
     p.add_argument("--no-chart", action="store_true", help="draw no PNG")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="print a finished run's table (a cost or "
+        "suite JSON) and redraw its chart; run nothing",
+    )
     a = p.parse_args(argv)
     env: dict[str, str] = {}
     for item in a.service_env:
@@ -825,23 +832,24 @@ def draw_chart(points: list[dict[str, Any]], path: Path) -> str | None:
     rates.set_ylabel("per second (log)")
     rates.set_title("Rates against keys written")
     byte_series = (
-        ("redis_used_per_record_pending", "Redis, pending (used_memory / N)", "tab:red", "o"),
-        ("redis_entry_queue_pending", "Redis, pending (MEMORY USAGE)", "tab:red", "x"),
+        ("redis_used_per_record_pending", "Redis pending (used_memory/N)", "tab:red", "o"),
+        ("redis_entry_queue_pending", "Redis pending (MEMORY USAGE)", "tab:red", "x"),
         (
             "redis_used_per_record_clean",
-            "Redis, clean with TTL (used_memory / N)",
+            "Redis clean, TTL (used_memory/N)",
             "tab:purple",
             "s",
         ),
-        ("pg_total_per_row", "Postgres records, heap + index per row", "tab:green", "^"),
+        ("pg_total_per_row", "Postgres heap + index per row", "tab:green", "^"),
     )
     for key, label, color, marker in byte_series:
         style = ":" if marker == "x" else "-"
         sizes.plot(
             xs, [p[key] for p in plain], marker=marker, color=color, linestyle=style, label=label
         )
-    sizes.axhline(plain[0]["doc_bytes"], color="gray", linestyle="--", label="the JSON document")
-    sizes.set_ylim(bottom=0)
+    sizes.axhline(plain[0]["doc_bytes"], color="gray", linestyle="--", label="JSON document")
+    top = max(p[key] or 0 for p in plain for key, *_ in byte_series)
+    sizes.set_ylim(0, max(top, plain[0]["doc_bytes"]) * 1.6)  # room for the legend
     sizes.set_ylabel("bytes")
     sizes.set_title("Bytes per record")
     for ax in (rates, sizes):
@@ -850,7 +858,8 @@ def draw_chart(points: list[dict[str, Any]], path: Path) -> str | None:
         ax.minorticks_off()
         ax.set_xlabel("distinct keys written (log)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    rates.legend(fontsize=8)
+    sizes.legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle("wbcache cost curve (python -m bench.cost)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1049,8 +1058,24 @@ async def _main_task(opts: Options, servers: Servers, log_dir: Path) -> dict[str
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def report(path: Path, chart: Path | None) -> int:
+    """Print a finished run's table again (``--report FILE``) and redraw its chart."""
+    results = json.loads(path.read_text())
+    measured = results.get("cost", results)  # a suite's JSON holds the section under "cost"
+    print(render(measured))
+    if chart is not None and measured.get("summary"):
+        note = draw_chart(measured["summary"], chart)
+        print(note or f"chart: {chart}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report", type=Path)
+    known, rest = pre.parse_known_args(argv)
+    opts = parse_args(rest)
+    if known.report is not None:
+        return report(known.report, opts.chart)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = opts.results_dir / f"cost-{stamp}-logs"
