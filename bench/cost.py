@@ -71,6 +71,8 @@ QUICK_POINTS = (2_000, 10_000)
 # As long as the default REDIS_PREFIX ("wb:"), so key names cost what they cost deployed.
 PREFIX = "wc:"
 CHART = REPO_ROOT / "docs" / "img" / "cost-curve.png"
+# A smoke run (--quick) must not overwrite the committed chart.
+QUICK_CHART = core.RESULTS_DIR / "cost-curve-quick.png"
 COLLECTION = core.COLD_COLLECTION
 PREFILL_COLLECTION = "prefill"
 DELETE_COLLECTION = "del"
@@ -167,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="a setting for the service processes (default: none, i.e. default settings)",
     )
     p.add_argument("--results-dir", type=Path, default=core.RESULTS_DIR)
-    p.add_argument("--chart", type=Path, default=CHART, help=f"PNG to draw ({CHART})")
+    p.add_argument("--chart", type=Path, help=f"PNG to draw ({CHART}; --quick: {QUICK_CHART})")
     p.add_argument("--no-chart", action="store_true", help="draw no PNG")
     p.add_argument(
         "--report",
@@ -201,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         database_url=a.database_url,
         service_env=env,
         results_dir=a.results_dir,
-        chart=None if a.no_chart else a.chart,
+        chart=None if a.no_chart else (a.chart or (QUICK_CHART if a.quick else CHART)),
         seed=a.seed,
         quick=a.quick,
     )
@@ -226,6 +228,7 @@ def suite_options(
         service_env=service_env,
         delete_keys=2_000 if quick else 10_000,
         trim_entries=2_000 if quick else 20_000,
+        chart=QUICK_CHART if quick else CHART,
         quick=quick,
     )
 
