@@ -109,7 +109,7 @@ class Options:
     stats_requests: int = 50
     samples: int = 1000
     delete_keys: int = 10_000
-    trim_entries: int = 20_000
+    trim_entries: int = 100_000
     redis_url: str = DEFAULT_REDIS_URL
     database_url: str = DEFAULT_DATABASE_URL
     service_env: dict[str, str] = field(default_factory=dict)
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument(
         "--trim-entries",
         type=int,
-        help="entries per variant of the throwaway-Redis trim experiment (20000; 0: skip)",
+        help="entries per variant of the throwaway-Redis trim experiment (100000; 0: skip)",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the sampled entries")
     p.add_argument(
@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         delete_keys=a.delete_keys if a.delete_keys is not None else (2_000 if a.quick else 10_000),
         trim_entries=a.trim_entries
         if a.trim_entries is not None
-        else (2_000 if a.quick else 20_000),
+        else (2_000 if a.quick else 100_000),
         redis_url=a.redis_url,
         database_url=a.database_url,
         service_env=env,
@@ -227,7 +227,7 @@ def suite_options(
         doc_bytes=doc_bytes,
         service_env=service_env,
         delete_keys=2_000 if quick else 10_000,
-        trim_entries=2_000 if quick else 20_000,
+        trim_entries=2_000 if quick else 100_000,
         chart=QUICK_CHART if quick else CHART,
         quick=quick,
     )
@@ -603,6 +603,12 @@ async def point(ctx: Ctx, n: int, prefill_rows: int) -> dict[str, Any]:
 def summary(p: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one point that the table and the chart show."""
     pend, clean, pg = p["redis_pending"], p["redis_clean"], p["postgres"]
+    n: int = p["keys"]
+    put_cpu, drain_cpu = p["put"]["cpu"], p["drain"]["cpu_drain"]
+
+    def us(cpu: dict[str, float], name: str) -> float:
+        return round(float(cpu.get(name, 0.0)) / n * 1e6, 1)
+
     return {
         "keys": p["keys"],
         "prefill_rows": p["prefill_rows"],
@@ -610,6 +616,13 @@ def summary(p: dict[str, Any]) -> dict[str, Any]:
         "drain_rows_per_s": p["drain"]["rows_per_s"],
         "raw_rows_per_s": p["raw"]["rows_per_s"],
         "drain_x_raw": p["drain"]["ratio_to_raw"],
+        # CPU per operation moves less with the machine's load than rates do.
+        "api_cpu_us_per_put": us(put_cpu, "api-0"),
+        "redis_cpu_us_per_put": us(put_cpu, "redis"),
+        "machine_other_us_per_put": us(put_cpu, "other"),
+        "worker_cpu_us_per_row": us(drain_cpu, "worker-0"),
+        "redis_cpu_us_per_row": us(drain_cpu, "redis"),
+        "pg_cpu_us_per_row": us(drain_cpu, "postgres_backends"),
         "doc_bytes": p["doc_bytes_mean"],
         "stored_doc_bytes": pend["entry"]["stored_doc_bytes_mean"],
         "redis_entry_bytes_pending": pend["entry"]["bytes_mean"],
@@ -732,11 +745,17 @@ def trim_experiment(
     long_names = {b"v": b"version", b"d": b"document", b"p": b"persisted", b"t": b"deleted"}
     variants: list[tuple[str, str, dict[str, Any]]] = [
         ("pending", "as stored while pending (fields v, d, p; no TTL)", {}),
+        ("pending_queue", "pending, with its member in the dirty ZSET", {"queue": True}),
         ("clean", "as stored once clean (+ a TTL: an expires-table entry)", {"ttl": True}),
         (
             "listpack",
             f"clean, hash-max-listpack-value {listpack_value} (default 64)",
             {"ttl": True, "listpack": listpack_value},
+        ),
+        (
+            "listpack_pending_queue",
+            f"pending with its ZSET member, hash-max-listpack-value {listpack_value}",
+            {"queue": True, "listpack": listpack_value},
         ),
         (
             "long_fields",
@@ -758,6 +777,7 @@ def trim_experiment(
         try:
             out["redis_version"] = cast(dict[str, Any], client.info("server"))["redis_version"]
             keys = Keys(PREFIX)
+            stamp = time.time_ns() // 1_000_000
             for name, label, how in variants:
                 client.flushall()
                 client.config_set("hash-max-listpack-value", how.get("listpack", 64))
@@ -774,6 +794,8 @@ def trim_experiment(
                         pipe.hset(key, mapping=cast(dict[Any, Any], fields))
                     if how.get("ttl"):
                         pipe.pexpire(key, clean_ttl_ms)
+                    if how.get("queue"):
+                        pipe.zadd(keys.dirty, {f"{COLLECTION}:{core.key_name(i)}": stamp + i})
                     if len(pipe) >= 2000:
                         pipe.execute()
                 pipe.execute()
@@ -887,6 +909,12 @@ ROWS = (
     ("cold drain rows/s (1 worker)", "drain_rows_per_s", 0),
     ("raw batched upsert rows/s", "raw_rows_per_s", 0),
     ("drain / raw", "drain_x_raw", 2),
+    ("API CPU µs per PUT", "api_cpu_us_per_put", 0),
+    ("Redis CPU µs per PUT", "redis_cpu_us_per_put", 0),
+    ("rest of the machine, µs per PUT", "machine_other_us_per_put", 0),
+    ("drain CPU µs/row: worker", "worker_cpu_us_per_row", 0),
+    ("drain CPU µs/row: Redis", "redis_cpu_us_per_row", 0),
+    ("drain CPU µs/row: Postgres backends", "pg_cpu_us_per_row", 0),
     ("document bytes (sent / stored)", None, 0),
     ("Redis entry bytes, pending (MEMORY USAGE)", "redis_entry_bytes_pending", 0),
     ("Redis queue bytes per pending record", "redis_queue_bytes_per_record", 1),
@@ -1065,6 +1093,7 @@ def report(path: Path, chart: Path | None) -> int:
     """Print a finished run's table again (``--report FILE``) and redraw its chart."""
     results = json.loads(path.read_text())
     measured = results.get("cost", results)  # a suite's JSON holds the section under "cost"
+    measured["summary"] = [summary(p) for p in measured.get("points", [])]
     print(render(measured))
     if chart is not None and measured.get("summary"):
         note = draw_chart(measured["summary"], chart)
@@ -1083,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     log_dir = opts.results_dir / f"cost-{stamp}-logs"
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    revision = core.git_revision()  # at the start: the code that ran, not HEAD at the end
     started = time.monotonic()
     servers: Servers | None = None
     try:
@@ -1100,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.close()
     results = {
         "started_at": started_at,
-        "git": core.git_revision(),
+        "git": revision,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
