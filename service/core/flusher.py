@@ -82,18 +82,13 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _decode(raw: Sequence[bytes]) -> list[Item]:
-    items = []
-    for i in range(0, len(raw), 4):
-        member, version, doc, tomb = raw[i : i + 4]
-        items.append(
-            Item(
-                member=member.decode(),
-                version=version.decode(),
-                document=None if tomb == b"1" else doc,
-            )
-        )
-    return items
+def _decode(raw: Sequence[bytes | None]) -> list[Item]:
+    """claim.lua's reply: member, version, document (None for a delete), ..."""
+    members, versions, docs = raw[0::3], raw[1::3], raw[2::3]
+    return [
+        Item(member.decode(), version.decode(), doc)  # type: ignore[union-attr]
+        for member, version, doc in zip(members, versions, docs, strict=True)
+    ]
 
 
 class _Throttled:
@@ -282,14 +277,20 @@ class Flusher:
             k.pending_counts,
             k.batch(batch.id),
         ]
+        # The committed puts, then the committed deletes: release.lua gives each its TTL
+        # from that, without reading what the worker already knows.
+        puts = [i for i in committed if i.document is not None]
+        deletes = [i for i in committed if i.document is None]
         args: list[str | int | bytes] = [
             batch.id,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
-            len(committed),
+            len(puts),
+            len(deletes),
         ]
-        for item in committed:
-            keys.append(k.member_entry(item.member))
+        prefix = k.entry_prefix
+        for item in (*puts, *deletes):
+            keys.append(prefix + item.member)
             args += [item.member, item.version]
         for d in dead:
             info = {

@@ -96,7 +96,8 @@ class Keys:
         return f"{self.shard_prefix}batchage"
 
     def batch(self, batch_id: str) -> str:
-        """HASH: member -> dirty time (ms), for each member batch ``batch_id`` holds."""
+        """STRING: msgpack array member, dirty time (ms), ... of each member batch
+        ``batch_id`` holds (claim.lua; a HASH member -> time before, still read)."""
         return f"{self.shard_prefix}b:{batch_id}"
 
     @property

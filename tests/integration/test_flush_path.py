@@ -347,6 +347,54 @@ async def test_pending_counts_follow_every_transition(
         await assert_counts(flusher, {"pd": 1})
 
 
+@pytest.mark.parametrize("kind", ["string", "hash"])
+async def test_taken_over_and_handed_back_keys_are_dirty_from_the_batch_oldest_time(
+    api: httpx.AsyncClient,
+    flusher: Flusher,
+    settings_factory: Callable[..., Settings],
+    kind: str,
+) -> None:
+    """A batch's key lists its members (claim.lua: one msgpack string). What a take-over
+    or a hand-back puts back is dirty from the batch's oldest dirty time, so it is due at
+    once and the oldest pending age stays true; a batch a previous version claimed (a hash
+    of member -> dirty time) is still read, each member back at its own time."""
+    settings = settings_factory(write_delay_ms=0)
+    k = flusher.keys
+    for key in ("a", "b", "c"):
+        await put(api, f"/v1/ho/{key}", {"k": key})
+        await asyncio.sleep(0.005)  # distinct dirty times
+    marks = dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True))
+    a = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+    batch = await wait_until(a.claim, timeout=5)
+    assert sorted(i.member for i in batch.items) == ["ho:a", "ho:b", "ho:c"]
+    assert await flusher.redis.type(k.batch(batch.id)) == b"string"
+    if kind == "hash":  # as a previous version left it
+        await flusher.redis.delete(k.batch(batch.id))
+        await flusher.redis.hset(k.batch(batch.id), mapping=marks)  # type: ignore[misc]
+    oldest = min(marks.values())
+    expected = marks if kind == "hash" else dict.fromkeys(marks, oldest)
+
+    # Its worker dies: the lease runs out (forced), another claim takes the batch over.
+    a.held.discard(batch.id)
+    await flusher.redis.zadd(k.leases, {batch.id: 0})
+    b = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+    await b._take_over(0, [batch.id.encode()])
+    assert dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True)) == expected
+    assert not await flusher.redis.exists(k.batch(batch.id))
+    await assert_counts(flusher, {"ho": 3})
+
+    # A hand-back (shutdown) puts them back the same way.
+    again = await wait_until(b.claim, timeout=5)
+    if kind == "hash":
+        await flusher.redis.delete(k.batch(again.id))
+        await flusher.redis.hset(k.batch(again.id), mapping=marks)  # type: ignore[misc]
+    await b.hand_back_all()
+    assert dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True)) == expected
+    await assert_counts(flusher, {"ho": 3})
+    assert await b.drain_ready() == 3
+    await assert_counts(flusher, {})
+
+
 async def test_pending_counts_exact_through_a_chaotic_run(
     api: httpx.AsyncClient,
     flusher: Flusher,

@@ -51,7 +51,7 @@ LUA = Path(str(files("service.core") / "lua"))
 FIRST_KEY = {
     "get", "set", "pexpire", "persist",
     "hget", "hset", "hdel", "hmget", "hgetall", "hexists", "hincrby", "hlen",
-    "zadd", "zrem", "zscore", "zrangebyscore", "zremrangebyscore", "zcard",
+    "zadd", "zrem", "zscore", "zmscore", "zrangebyscore", "zremrangebyscore", "zcard",
     "bitfield", "bitfield_ro", "setbit",
 }  # fmt: skip
 ALL_KEYS = {"del", "exists"}

@@ -4,15 +4,20 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
---       8 pending counts, 9 the batch's hash, then the entries of the committed members,
+--       8 pending counts, 9 the batch's key, then the entries of the committed members,
 --       then those of the dead-lettered ones, in ARGV's order
 -- ARGV: 1 batch id, 2 clean TTL ms, 3 tombstone TTL ms,
---       4 number of committed pairs n, then n x (member, version),
+--       4 number of committed puts u, 5 number of committed deletes d,
+--       then (u + d) x (member, version), the puts first,
 --       then triples (member, version, dead-letter JSON)
+-- The worker passes what it committed; an entry is read once, for its version (the compare
+-- of compare-and-delete): the same version means the same write, so whether it is a delete
+-- (which TTL) is what the worker committed.
 -- Times (the flush log, requeued dirty marks) come from Redis' TIME, as in claim.lua.
 local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch, bk = ARGV[1], KEYS[9]
-local n = tonumber(ARGV[4])
+local puts = tonumber(ARGV[4])
+local n = puts + tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -31,20 +36,42 @@ local function owned(m)
   return redis.call('HGET', inflight, m) == batch
 end
 
+-- include batch_members.lua
+local listed, times = nil, nil
+local function members()
+  if not listed then
+    listed, times = batch_members(9)
+  end
+  return listed
+end
+-- A member handed back is dirty again from the batch's oldest dirty time (at or before its
+-- own: it is due again at once, and the oldest pending age stays true).
+local since = nil
+local function dirty_time(m)
+  members()
+  if times[m] then
+    return times[m]
+  end
+  if not since then
+    since = redis.call('ZSCORE', ages, batch) or now
+  end
+  return since
+end
+
 -- Who holds each committed key, in one call (the loop below does not change inflight).
 local owners = {}
 if n > 0 then
-  local members = {}
+  local committed_members = {}
   for j = 1, n do
-    members[j] = ARGV[3 + 2 * j]
+    committed_members[j] = ARGV[4 + 2 * j]
   end
-  owners = redis.call('HMGET', inflight, unpack(members))
+  owners = redis.call('HMGET', inflight, unpack(committed_members))
 end
 
 local committed = 0
 local handled = {}
-local released = {}
-local i = 5
+local released, nr = {}, 0
+local i = 6
 for j = 1, n do
   local m, v = ARGV[i], ARGV[i + 1]
   local e = KEYS[9 + j]
@@ -53,11 +80,12 @@ for j = 1, n do
   committed = committed + 1
   local mine = owners[j] == batch
   if mine then
-    table.insert(released, m)
+    nr = nr + 1
+    released[nr] = m
     count(m, -1)
   end
-  local cur = redis.call('HMGET', e, 'v', 'p', 't')
-  if cur[1] == v then
+  local cur = redis.call('HGET', e, 'v')
+  if cur == v then
     redis.call('HSET', e, 'p', v)
     -- Committed: the entry is clean, unless we had lost it and another batch holds it.
     -- (While we owned it, writes could not put it back in the dirty set.)
@@ -65,19 +93,20 @@ for j = 1, n do
       if not mine then
         count(m, -redis.call('ZREM', dirty, m))
       end
-      if cur[3] == '1' then
+      if j > puts then
         redis.call('PEXPIRE', e, ARGV[3])
       else
         redis.call('PEXPIRE', e, ARGV[2])
       end
     end
-  elseif cur[1] then
-    if not cur[2] or tonumber(cur[2]) < tonumber(v) then
+  elseif cur then
+    local p = redis.call('HGET', e, 'p')
+    if not p or tonumber(p) < tonumber(v) then
       redis.call('HSET', e, 'p', v)
     end
     -- A newer write landed while we flushed: it must be flushed too.
     if mine then
-      count(m, redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or now, m))
+      count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m))
     end
   end
 end
@@ -90,9 +119,7 @@ while i + 2 <= #ARGV do
   entry = entry + 1
   local e = KEYS[entry]
   handled[m] = true
-  local mine = owned(m)
-  local score = redis.call('HGET', bk, m)
-  if mine then
+  if owned(m) then
     redis.call('HDEL', inflight, m)
     count(m, -1)
     local cur = redis.call('HGET', e, 'v')
@@ -103,20 +130,21 @@ while i + 2 <= #ARGV do
       redis.call('HSET', e, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
-      count(m, redis.call('ZADD', dirty, 'NX', score or now, m))
+      count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m))
     end
   end
 end
 
 -- Hand back anything still held (shutdown, or a batch given up on).
-local rest = redis.call('HGETALL', bk)
-for j = 1, #rest, 2 do
-  if not handled[rest[j]] and redis.call('HGET', inflight, rest[j]) == batch then
-    redis.call('HDEL', inflight, rest[j])
-    count(rest[j], redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j]) - 1)
+local rest = members()
+for j = 1, #rest do
+  local m = rest[j]
+  if not handled[m] and redis.call('HGET', inflight, m) == batch then
+    redis.call('HDEL', inflight, m)
+    count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m) - 1)
   end
 end
-if #released > 0 then
+if nr > 0 then
   redis.call('HDEL', inflight, unpack(released))
 end
 for c, d in pairs(delta) do
