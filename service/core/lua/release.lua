@@ -20,6 +20,8 @@ local puts = tonumber(ARGV[4])
 local n = puts + tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local clean_at = string.format('%d', now + tonumber(ARGV[2]))
+local tomb_at = string.format('%d', now + tonumber(ARGV[3]))
 
 -- Pending counts (redis_keys.Keys.pending_counts): each collection's field moves by what
 -- this script adds to or removes from dirty + inflight: -1 for a key committed and clean
@@ -93,10 +95,11 @@ for j = 1, n do
       if not mine then
         count(m, -redis.call('ZREM', dirty, m))
       end
+      -- PEXPIREAT: Redis rewrites a PEXPIRE into one (for AOF and replicas) per call.
       if j > puts then
-        redis.call('PEXPIRE', e, ARGV[3])
+        redis.call('PEXPIREAT', e, tomb_at)
       else
-        redis.call('PEXPIRE', e, ARGV[2])
+        redis.call('PEXPIREAT', e, clean_at)
       end
     end
   elseif cur then
