@@ -62,6 +62,7 @@ class Scripts:
     take_over: AsyncScript
     claim: AsyncScript
     release: AsyncScript
+    committed: AsyncScript
     invalidate: AsyncScript
     dead_letters: AsyncScript
     heartbeat: AsyncScript
@@ -76,6 +77,7 @@ class Scripts:
             take_over=script(redis, _source("takeover")),
             claim=script(redis, _source("claim")),
             release=script(redis, _source("release")),
+            committed=script(redis, _source("committed")),
             invalidate=script(redis, _source("invalidate")),
             dead_letters=script(redis, _source("deadletters")),
             heartbeat=script(redis, _source("heartbeat")),

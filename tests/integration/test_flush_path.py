@@ -27,6 +27,7 @@ from service.core import repository, stats
 from service.core.flusher import BUG_RETRIES, Flusher
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
+from service.core.write_through import Outcome, WriteThrough
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_until
 from tests.integration.test_dead_letters import metric, poison_constraint, rows, settled
@@ -186,6 +187,35 @@ async def test_write_through_answers_within_timeout_when_redis_dies_after_commit
         assert (await rows(pg, "wt")) == {"k": ({"a": 1}, int(r.headers["ETag"].strip('"')))}
     finally:
         await asyncio.to_thread(server.kill)
+
+
+async def test_write_through_learns_a_commit_another_flusher_made(
+    api: httpx.AsyncClient, flusher: Flusher, pg: asyncpg.Connection
+) -> None:
+    """A write-through whose key another flusher holds waits for that flusher's commit:
+    once released, the entry is neither dirty, in flight nor dead-lettered, which is what
+    committed.lua answers COMMITTED on (release sets 'p' only on entries that stay
+    pending); a version superseded by a committed newer one is committed too; a poison
+    write is DEAD."""
+    through = WriteThrough(Flusher(flusher.redis, flusher.pg, flusher.settings, flusher.scripts))
+    v1 = await put(api, "/v1/wth/k", {"v": 1})
+    held = await wait_until(lambda: flusher.claim(["wth:k"]), timeout=5)
+    waiting = asyncio.create_task(through("wth:k", v1, 10.0))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # the other flusher holds the key: nothing to claim
+    assert await flusher.flush_batch(held)
+    assert await waiting is Outcome.COMMITTED
+    p = await flusher.redis.hget(flusher.keys.entry("wth", "k"), "p")  # type: ignore[misc]
+    assert int(p or 0) < v1  # (the write's version floor, 0: a new key)
+
+    v2 = await put(api, "/v1/wth/k", {"v": 2})
+    await put(api, "/v1/wth/k", {"v": 3})
+    assert await through("wth:k", v2, 10.0) is Outcome.COMMITTED  # with v3
+    assert (await rows(pg, "wth"))["k"][0] == {"v": 3}
+
+    async with poison_constraint(pg):
+        v4 = await put(api, "/v1/wth/p", {"poison": True})
+        assert await through("wth:p", v4, 10.0) is Outcome.DEAD
 
 
 async def test_a_cancelled_flush_that_cannot_hand_back_lets_its_lease_run_out(

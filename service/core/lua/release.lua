@@ -88,9 +88,10 @@ for j = 1, n do
   end
   local cur = redis.call('HGET', e, 'v')
   if cur == v then
-    redis.call('HSET', e, 'p', v)
     -- Committed: the entry is clean, unless we had lost it and another batch holds it.
-    -- (While we owned it, writes could not put it back in the dirty set.)
+    -- (While we owned it, writes could not put it back in the dirty set.) A clean entry
+    -- is committed at its version (committed.lua); 'p' records it only while the entry
+    -- stays pending.
     if mine or redis.call('HEXISTS', inflight, m) == 0 then
       if not mine then
         count(m, -redis.call('ZREM', dirty, m))
@@ -101,6 +102,8 @@ for j = 1, n do
       else
         redis.call('PEXPIREAT', e, clean_at)
       end
+    else
+      redis.call('HSET', e, 'p', v)
     end
   elseif cur then
     local p = redis.call('HGET', e, 'p')
