@@ -235,7 +235,7 @@ class Flusher:
                     32 * 1024 * 1024,
                     batch_id,
                     self._lease_ms,
-                    *candidates,
+                    len(entry_prefix),
                 ],
             )
         )
@@ -279,19 +279,22 @@ class Flusher:
         ]
         # The committed puts, then the committed deletes: release.lua gives each its TTL
         # from that, without reading what the worker already knows.
+        # Each member is the end of its entry's key: release.lua reads it from there.
         puts = [i for i in committed if i.document is not None]
         deletes = [i for i in committed if i.document is None]
+        prefix = k.entry_prefix
         args: list[str | int | bytes] = [
             batch.id,
             self.settings.clean_ttl_seconds * 1000,
             self.settings.tombstone_ttl_seconds * 1000,
             len(puts),
             len(deletes),
+            len(prefix.encode()),
         ]
-        prefix = k.entry_prefix
-        for item in (*puts, *deletes):
-            keys.append(prefix + item.member)
-            args += [item.member, item.version]
+        keys += [prefix + i.member for i in puts]
+        keys += [prefix + i.member for i in deletes]
+        args += [i.version for i in puts]
+        args += [i.version for i in deletes]
         for d in dead:
             info = {
                 "collection": d.item.collection,
@@ -302,7 +305,7 @@ class Flusher:
                 "failed_at": now / 1000,
             }
             keys.append(k.member_entry(d.item.member))
-            args += [d.item.member, d.item.version, orjson.dumps(info)]
+            args += [d.item.version, orjson.dumps(info)]
         await self.scripts.release(keys=keys, args=args)
         self.held.discard(batch.id)
         self._shard_of_batch.pop(batch.id, None)

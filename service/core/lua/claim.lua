@@ -6,9 +6,10 @@
 -- and the new batch's key come in KEYS. (Batches whose lease ran out are handed back
 -- first, by takeover.lua.)
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 pending counts, 6 the batch's key,
---       7.. the candidates' entries, in ARGV's order (ARGV[i]'s entry is KEYS[i + 2])
+--       7.. the candidates' entries
 -- ARGV: 1 write delay ms ("" = claim the candidates if dirty, due or not),
---       2 max bytes, 3 batch id, 4 lease ms, 5.. candidate members
+--       2 max bytes, 3 batch id, 4 lease ms, 5 the bytes of an entry's key before its
+--       member (an entry's key ends with its member: the candidates are not sent twice)
 -- Returns a flat list: member, version, document (nil for a delete), ...
 -- One clock: every time here (lease expiry, readiness) is Redis' TIME, the clock write.lua
 -- stamps dirty marks with; callers pass only durations, so a worker's skewed clock can
@@ -16,7 +17,12 @@
 local dirty, inflight, leases, ages_key, bk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #ARGV - 4
+local n = #KEYS - 6
+local skip = tonumber(ARGV[5]) + 1
+local members = {}
+for j = 1, n do
+  members[j] = string.sub(KEYS[j + 6], skip)
+end
 
 -- Pending counts (redis_keys.Keys.pending_counts): each collection's field moves by what
 -- this script adds to or removes from dirty + inflight (moving a key from one to the
@@ -41,10 +47,6 @@ if ARGV[1] ~= '' then
     ready[order[j]] = true
   end
 else
-  local members = {}
-  for j = 1, n do
-    members[j] = ARGV[j + 4]
-  end
   local found = redis.call('ZMSCORE', dirty, unpack(members))
   for j = 1, n do
     if found[j] then
@@ -61,7 +63,7 @@ local out, o = {}, 0
 local taken, owned, listed = {}, {}, {}
 local nt, no = 0, 0
 for j = 1, n do
-  local m = ARGV[j + 4]
+  local m = members[j]
   if ready[m] then
     ready[m] = nil -- a member listed twice is taken once
     local ent = redis.call('HMGET', KEYS[j + 6], 'v', 'd', 't')

@@ -4,12 +4,13 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
---       8 pending counts, 9 the batch's key, then the entries of the committed members,
---       then those of the dead-lettered ones, in ARGV's order
+--       8 pending counts, 9 the batch's key, then the entries of the committed members
+--       (the puts first), then those of the dead-lettered ones, in ARGV's order
 -- ARGV: 1 batch id, 2 clean TTL ms, 3 tombstone TTL ms,
 --       4 number of committed puts u, 5 number of committed deletes d,
---       then (u + d) x (member, version), the puts first,
---       then triples (member, version, dead-letter JSON)
+--       6 the bytes of an entry's key before its member (an entry's key ends with its
+--       member, so the worker does not send each member again),
+--       then the (u + d) committed versions, then pairs (version, dead-letter JSON)
 -- The worker passes what it committed; an entry is read once, for its version (the compare
 -- of compare-and-delete): the same version means the same write, so whether it is a delete
 -- (which TTL) is what the worker committed.
@@ -18,6 +19,7 @@ local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], 
 local batch, bk = ARGV[1], KEYS[9]
 local puts = tonumber(ARGV[4])
 local n = puts + tonumber(ARGV[5])
+local skip = tonumber(ARGV[6]) + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local clean_at = string.format('%d', now + tonumber(ARGV[2]))
@@ -61,23 +63,21 @@ local function dirty_time(m)
 end
 
 -- Who holds each committed key, in one call (the loop below does not change inflight).
+local committed_members = {}
+for j = 1, n do
+  committed_members[j] = string.sub(KEYS[9 + j], skip)
+end
 local owners = {}
 if n > 0 then
-  local committed_members = {}
-  for j = 1, n do
-    committed_members[j] = ARGV[4 + 2 * j]
-  end
   owners = redis.call('HMGET', inflight, unpack(committed_members))
 end
 
 local committed = 0
 local handled = {}
 local released, nr = {}, 0
-local i = 6
 for j = 1, n do
-  local m, v = ARGV[i], ARGV[i + 1]
+  local m, v = committed_members[j], ARGV[6 + j]
   local e = KEYS[9 + j]
-  i = i + 2
   handled[m] = true
   committed = committed + 1
   local mine = owners[j] == batch
@@ -119,11 +119,11 @@ end
 
 local dead_count = 0
 local entry = 9 + n
-while i + 2 <= #ARGV do
-  local m, v, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
+for i = 7 + n, #ARGV - 1, 2 do
+  local v, info = ARGV[i], ARGV[i + 1]
   entry = entry + 1
   local e = KEYS[entry]
+  local m = string.sub(e, skip)
   handled[m] = true
   if owned(m) then
     redis.call('HDEL', inflight, m)
