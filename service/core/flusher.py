@@ -125,6 +125,7 @@ class Flusher:
         # Claims start at the shard after the last one claimed from, so every shard's
         # queue is served in turn however busy the others are.
         self._next_shard = 0
+        self._claiming = asyncio.Lock()
         # Set on shutdown: loops stop claiming; held batches are handed back.
         self.stopping = False
         self._retry_log = _Throttled()
@@ -142,17 +143,21 @@ class Flusher:
                 raise ValueError("an explicit claim takes members of one shard")
             ((shard, group),) = groups.items()
             return await self._claim_shard(shard, [m.encode() for m in group])
-        count = self.shards.count
-        order = [(self._next_shard + i) % count for i in range(count)]
-        if count > 1:
-            busy = set(await self._shards_with_work())
-            order = [s for s in order if s in busy]
-        for shard in order:
-            batch = await self._claim_shard(shard, [])
-            if batch is not None:
-                self._next_shard = (shard + 1) % count
-                return batch
-        return None
+        # One claim at a time in this process: loops that read candidates together would
+        # read the same ones, and all but one claim would come back empty (a script over
+        # BATCH_SIZE keys, for nothing). Claims are Redis' work, one at a time anyway.
+        async with self._claiming:
+            count = self.shards.count
+            order = [(self._next_shard + i) % count for i in range(count)]
+            if count > 1:
+                busy = set(await self._shards_with_work())
+                order = [s for s in order if s in busy]
+            for shard in order:
+                batch = await self._claim_shard(shard, [])
+                if batch is not None:
+                    self._next_shard = (shard + 1) % count
+                    return batch
+            return None
 
     async def _shards_with_work(self) -> list[int]:
         """The shards with a due dirty key or a lease run out, in one round trip (per
