@@ -42,7 +42,8 @@ class Keys:
 
     def entry(self, collection: str, key: str) -> str:
         """Hash: v = version, d = canonical document (absent for a tombstone), t = 1 if deleted,
-        p = highest version known committed. No TTL while dirty."""
+        p = a version known committed while a newer one is pending (an entry neither dirty,
+        in flight nor dead-lettered is committed at v). No TTL while dirty."""
         return f"{self.shard_prefix}e:{collection}:{key}"
 
     def member_entry(self, m: str) -> str:
@@ -96,7 +97,8 @@ class Keys:
         return f"{self.shard_prefix}batchage"
 
     def batch(self, batch_id: str) -> str:
-        """HASH: member -> dirty time (ms), for each member batch ``batch_id`` holds."""
+        """STRING: msgpack array member, dirty time (ms), ... of each member batch
+        ``batch_id`` holds (claim.lua; a HASH member -> time before, still read)."""
         return f"{self.shard_prefix}b:{batch_id}"
 
     @property

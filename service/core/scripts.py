@@ -7,6 +7,7 @@ Redis restart), so each call costs one round trip. Every key a script touches is
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -16,8 +17,17 @@ from redis.exceptions import NoScriptError
 from service.adapters.redis import AnyRedis
 
 
+def _read(name: str) -> str:
+    return (files("service.core") / "lua" / name).read_text(encoding="utf-8")
+
+
 def _source(name: str) -> str:
-    return (files("service.core") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    """Script ``name``, each line ``-- include <file>.lua`` replaced by that file (Lua that
+    several scripts share: each script is sent to Redis whole)."""
+    return _INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(f"{name}.lua"))
+
+
+_INCLUDE = re.compile(r"^-- include (\w+\.lua)$", re.MULTILINE)
 
 
 class _Script(AsyncScript):
@@ -52,6 +62,7 @@ class Scripts:
     take_over: AsyncScript
     claim: AsyncScript
     release: AsyncScript
+    committed: AsyncScript
     invalidate: AsyncScript
     dead_letters: AsyncScript
     heartbeat: AsyncScript
@@ -67,6 +78,7 @@ class Scripts:
             take_over=script(redis, _source("takeover")),
             claim=script(redis, _source("claim")),
             release=script(redis, _source("release")),
+            committed=script(redis, _source("committed")),
             invalidate=script(redis, _source("invalidate")),
             dead_letters=script(redis, _source("deadletters")),
             heartbeat=script(redis, _source("heartbeat")),

@@ -67,13 +67,12 @@ class WriteThrough:
                     if batch is not None:
                         # Handed back at the deadline or not: a worker may still commit it.
                         await self.flusher.flush_batch(batch, deadline)
-                async with self.flusher.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(entry, "p")
-                    pipe.hexists(keys.dead, m)
-                    persisted, dead = await pipe.execute()
-                if persisted is not None and int(persisted) >= version:
+                state = await self.flusher.scripts.committed(
+                    keys=[entry, keys.dirty, keys.inflight, keys.dead], args=[m, version]
+                )
+                if state == 1:
                     return Outcome.COMMITTED
-                if dead:
+                if state == -1:
                     return Outcome.DEAD
             except Exception as exc:
                 # The write is accepted and queued: a dependency failing now only means we

@@ -28,6 +28,7 @@ from service.core.flusher import BUG_RETRIES, Flusher
 from service.core.key_filter_build import incomplete, server_run_id
 from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
+from service.core.write_through import Outcome, WriteThrough
 from service.dev.embedded import RedisServer
 from tests.conftest import running_api, running_worker, wait_until
 from tests.integration.test_dead_letters import metric, poison_constraint, rows, settled
@@ -190,6 +191,35 @@ async def test_write_through_answers_within_timeout_when_redis_dies_after_commit
         await asyncio.to_thread(server.kill)
 
 
+async def test_write_through_learns_a_commit_another_flusher_made(
+    api: httpx.AsyncClient, flusher: Flusher, pg: asyncpg.Connection
+) -> None:
+    """A write-through whose key another flusher holds waits for that flusher's commit:
+    once released, the entry is neither dirty, in flight nor dead-lettered, which is what
+    committed.lua answers COMMITTED on (release sets 'p' only on entries that stay
+    pending); a version superseded by a committed newer one is committed too; a poison
+    write is DEAD."""
+    through = WriteThrough(Flusher(flusher.redis, flusher.pg, flusher.settings, flusher.scripts))
+    v1 = await put(api, "/v1/wth/k", {"v": 1})
+    held = await wait_until(lambda: flusher.claim(["wth:k"]), timeout=5)
+    waiting = asyncio.create_task(through("wth:k", v1, 10.0))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # the other flusher holds the key: nothing to claim
+    assert await flusher.flush_batch(held)
+    assert await waiting is Outcome.COMMITTED
+    p = await flusher.redis.hget(flusher.keys.entry("wth", "k"), "p")  # type: ignore[misc]
+    assert int(p or 0) < v1  # (the write's version floor, 0: a new key)
+
+    v2 = await put(api, "/v1/wth/k", {"v": 2})
+    await put(api, "/v1/wth/k", {"v": 3})
+    assert await through("wth:k", v2, 10.0) is Outcome.COMMITTED  # with v3
+    assert (await rows(pg, "wth"))["k"][0] == {"v": 3}
+
+    async with poison_constraint(pg):
+        v4 = await put(api, "/v1/wth/p", {"poison": True})
+        assert await through("wth:p", v4, 10.0) is Outcome.DEAD
+
+
 async def test_a_cancelled_flush_that_cannot_hand_back_lets_its_lease_run_out(
     api: httpx.AsyncClient,
     settings_factory: Callable[..., Settings],
@@ -347,6 +377,54 @@ async def test_pending_counts_follow_every_transition(
         await assert_counts(flusher, {"pd": 1})
         await flusher.release(held, [], [])
         await assert_counts(flusher, {"pd": 1})
+
+
+@pytest.mark.parametrize("kind", ["string", "hash"])
+async def test_taken_over_and_handed_back_keys_are_dirty_from_the_batch_oldest_time(
+    api: httpx.AsyncClient,
+    flusher: Flusher,
+    settings_factory: Callable[..., Settings],
+    kind: str,
+) -> None:
+    """A batch's key lists its members (claim.lua: one msgpack string). What a take-over
+    or a hand-back puts back is dirty from the batch's oldest dirty time, so it is due at
+    once and the oldest pending age stays true; a batch a previous version claimed (a hash
+    of member -> dirty time) is still read, each member back at its own time."""
+    settings = settings_factory(write_delay_ms=0)
+    k = flusher.keys
+    for key in ("a", "b", "c"):
+        await put(api, f"/v1/ho/{key}", {"k": key})
+        await asyncio.sleep(0.005)  # distinct dirty times
+    marks = dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True))
+    a = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+    batch = await wait_until(a.claim, timeout=5)
+    assert sorted(i.member for i in batch.items) == ["ho:a", "ho:b", "ho:c"]
+    assert await flusher.redis.type(k.batch(batch.id)) == b"string"
+    if kind == "hash":  # as a previous version left it
+        await flusher.redis.delete(k.batch(batch.id))
+        await flusher.redis.hset(k.batch(batch.id), mapping=marks)  # type: ignore[misc]
+    oldest = min(marks.values())
+    expected = marks if kind == "hash" else dict.fromkeys(marks, oldest)
+
+    # Its worker dies: the lease runs out (forced), another claim takes the batch over.
+    a.held.discard(batch.id)
+    await flusher.redis.zadd(k.leases, {batch.id: 0})
+    b = Flusher(flusher.redis, flusher.pg, settings, flusher.scripts)
+    await b._take_over(0, [batch.id.encode()])
+    assert dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True)) == expected
+    assert not await flusher.redis.exists(k.batch(batch.id))
+    await assert_counts(flusher, {"ho": 3})
+
+    # A hand-back (shutdown) puts them back the same way.
+    again = await wait_until(b.claim, timeout=5)
+    if kind == "hash":
+        await flusher.redis.delete(k.batch(again.id))
+        await flusher.redis.hset(k.batch(again.id), mapping=marks)  # type: ignore[misc]
+    await b.hand_back_all()
+    assert dict(await flusher.redis.zrange(k.dirty, 0, -1, withscores=True)) == expected
+    await assert_counts(flusher, {"ho": 3})
+    assert await b.drain_ready() == 3
+    await assert_counts(flusher, {})
 
 
 async def test_pending_counts_exact_through_a_chaotic_run(

@@ -49,9 +49,9 @@ LUA = Path(str(files("service.core") / "lua"))
 # Commands whose key is their first argument; commands whose arguments are all keys; and
 # commands without keys. A script using any other command fails here until it is added.
 FIRST_KEY = {
-    "get", "set", "pexpire", "persist",
+    "get", "set", "pexpire", "pexpireat", "persist",
     "hget", "hset", "hdel", "hmget", "hgetall", "hexists", "hincrby", "hlen",
-    "zadd", "zrem", "zscore", "zrangebyscore", "zremrangebyscore", "zcard",
+    "zadd", "zrem", "zscore", "zmscore", "zrangebyscore", "zremrangebyscore", "zcard",
     "bitfield", "getbit", "setbit",
 }  # fmt: skip
 ALL_KEYS = {"del", "exists"}

@@ -4,17 +4,26 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
---       8 pending counts, 9 the batch's hash, then the entries of the committed members,
---       then those of the dead-lettered ones, in ARGV's order
+--       8 pending counts, 9 the batch's key, then the entries of the committed members
+--       (the puts first), then those of the dead-lettered ones, in ARGV's order
 -- ARGV: 1 batch id, 2 clean TTL ms, 3 tombstone TTL ms,
---       4 number of committed pairs n, then n x (member, version),
---       then triples (member, version, dead-letter JSON)
+--       4 number of committed puts u, 5 number of committed deletes d,
+--       6 the bytes of an entry's key before its member (an entry's key ends with its
+--       member, so the worker does not send each member again),
+--       then the (u + d) committed versions, then pairs (version, dead-letter JSON)
+-- The worker passes what it committed; an entry is read once, for its version (the compare
+-- of compare-and-delete): the same version means the same write, so whether it is a delete
+-- (which TTL) is what the worker committed.
 -- Times (the flush log, requeued dirty marks) come from Redis' TIME, as in claim.lua.
 local dirty, inflight, leases, ages, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch, bk = ARGV[1], KEYS[9]
-local n = tonumber(ARGV[4])
+local puts = tonumber(ARGV[4])
+local n = puts + tonumber(ARGV[5])
+local skip = tonumber(ARGV[6]) + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local clean_at = string.format('%d', now + tonumber(ARGV[2]))
+local tomb_at = string.format('%d', now + tonumber(ARGV[3]))
 
 -- Pending counts (redis_keys.Keys.pending_counts): each collection's field moves by what
 -- this script adds to or removes from dirty + inflight: -1 for a key committed and clean
@@ -31,68 +40,92 @@ local function owned(m)
   return redis.call('HGET', inflight, m) == batch
 end
 
+-- include batch_members.lua
+local listed, times = nil, nil
+local function members()
+  if not listed then
+    listed, times = batch_members(9)
+  end
+  return listed
+end
+-- A member handed back is dirty again from the batch's oldest dirty time (at or before its
+-- own: it is due again at once, and the oldest pending age stays true).
+local since = nil
+local function dirty_time(m)
+  members()
+  if times[m] then
+    return times[m]
+  end
+  if not since then
+    since = redis.call('ZSCORE', ages, batch) or now
+  end
+  return since
+end
+
 -- Who holds each committed key, in one call (the loop below does not change inflight).
+local committed_members = {}
+for j = 1, n do
+  committed_members[j] = string.sub(KEYS[9 + j], skip)
+end
 local owners = {}
 if n > 0 then
-  local members = {}
-  for j = 1, n do
-    members[j] = ARGV[3 + 2 * j]
-  end
-  owners = redis.call('HMGET', inflight, unpack(members))
+  owners = redis.call('HMGET', inflight, unpack(committed_members))
 end
 
 local committed = 0
 local handled = {}
-local released = {}
-local i = 5
+local released, nr = {}, 0
 for j = 1, n do
-  local m, v = ARGV[i], ARGV[i + 1]
+  local m, v = committed_members[j], ARGV[6 + j]
   local e = KEYS[9 + j]
-  i = i + 2
   handled[m] = true
   committed = committed + 1
   local mine = owners[j] == batch
   if mine then
-    table.insert(released, m)
+    nr = nr + 1
+    released[nr] = m
     count(m, -1)
   end
-  local cur = redis.call('HMGET', e, 'v', 'p', 't')
-  if cur[1] == v then
-    redis.call('HSET', e, 'p', v)
+  local cur = redis.call('HGET', e, 'v')
+  if cur == v then
     -- Committed: the entry is clean, unless we had lost it and another batch holds it.
-    -- (While we owned it, writes could not put it back in the dirty set.)
+    -- (While we owned it, writes could not put it back in the dirty set.) A clean entry
+    -- is committed at its version (committed.lua); 'p' records it only while the entry
+    -- stays pending.
     if mine or redis.call('HEXISTS', inflight, m) == 0 then
       if not mine then
         count(m, -redis.call('ZREM', dirty, m))
       end
-      if cur[3] == '1' then
-        redis.call('PEXPIRE', e, ARGV[3])
+      -- PEXPIREAT: Redis rewrites a PEXPIRE into one (for AOF and replicas) per call.
+      if j > puts then
+        redis.call('PEXPIREAT', e, tomb_at)
       else
-        redis.call('PEXPIRE', e, ARGV[2])
+        redis.call('PEXPIREAT', e, clean_at)
       end
+    else
+      redis.call('HSET', e, 'p', v)
     end
-  elseif cur[1] then
-    if not cur[2] or tonumber(cur[2]) < tonumber(v) then
+  elseif cur then
+    local p = redis.call('HGET', e, 'p')
+    if not p or tonumber(p) < tonumber(v) then
       redis.call('HSET', e, 'p', v)
     end
     -- A newer write landed while we flushed: it must be flushed too.
     if mine then
-      count(m, redis.call('ZADD', dirty, 'NX', redis.call('HGET', bk, m) or now, m))
+      count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m))
     end
   end
 end
 
 local dead_count = 0
 local entry = 9 + n
-while i + 2 <= #ARGV do
-  local m, v, info = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  i = i + 3
+for i = 7 + n, #ARGV - 1, 2 do
+  local v, info = ARGV[i], ARGV[i + 1]
   entry = entry + 1
   local e = KEYS[entry]
+  local m = string.sub(e, skip)
   handled[m] = true
-  local mine = owned(m)
-  local score = redis.call('HGET', bk, m)
-  if mine then
+  if owned(m) then
     redis.call('HDEL', inflight, m)
     count(m, -1)
     local cur = redis.call('HGET', e, 'v')
@@ -103,20 +136,21 @@ while i + 2 <= #ARGV do
       redis.call('HSET', e, 'x', '1')
       dead_count = dead_count + 1
     elseif cur then
-      count(m, redis.call('ZADD', dirty, 'NX', score or now, m))
+      count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m))
     end
   end
 end
 
 -- Hand back anything still held (shutdown, or a batch given up on).
-local rest = redis.call('HGETALL', bk)
-for j = 1, #rest, 2 do
-  if not handled[rest[j]] and redis.call('HGET', inflight, rest[j]) == batch then
-    redis.call('HDEL', inflight, rest[j])
-    count(rest[j], redis.call('ZADD', dirty, 'NX', rest[j + 1], rest[j]) - 1)
+local rest = members()
+for j = 1, #rest do
+  local m = rest[j]
+  if not handled[m] and redis.call('HGET', inflight, m) == batch then
+    redis.call('HDEL', inflight, m)
+    count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m) - 1)
   end
 end
-if #released > 0 then
+if nr > 0 then
   redis.call('HDEL', inflight, unpack(released))
 end
 for c, d in pairs(delta) do
