@@ -4,6 +4,7 @@ reads with a guarded fill, invalidation. Postgres is only read here (on misses).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -125,6 +126,10 @@ def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
         return WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0), False
     return WriteResult(Status.OK, int(_s(raw[1])), _s(raw[2]) == "1"), _s(raw[3]) == "1"
 
+
+# Writes per call of write_many.lua: Redis serves nobody else while it runs (about 10 µs
+# per write), so a batch of 1,000 writes to one shard is several calls, one round trip.
+_WRITES_PER_CALL = 200
 
 # What a read takes from an entry: version, document, tombstone flag, dead-letter flag.
 _READ_FIELDS = ["v", "d", "t", "x"]
@@ -272,33 +277,44 @@ class RecordStore:
         )
 
     async def write_many(self, calls: Sequence[WriteCall]) -> list[WriteOutcome]:
-        """Writes to distinct keys in one round trip: the write script for each, in one
-        pipeline. A key that is not cached needs Postgres' version floor first, so it then
-        takes the single-key path (``write``); so does a retry after a Redis restart.
+        """Writes to distinct keys in one round trip: per shard, one call of
+        write_many.lua (write.lua once per write, in order). A key that is not cached
+        needs Postgres' version floor first, so it then takes the single-key path
+        (``write``); so do the writes of a call that found its script missing (a Redis
+        restart), which is loaded again for the next batch.
 
         One outcome per call, in order: its result, or the exception that stopped that
         call alone (Postgres down for an uncached key's precondition, a Redis error reply
-        to its script); the other calls are applied all the same. Only a failure of the
-        pipeline itself (Redis unreachable) raises: then no call's fate is known."""
+        to one of its commands); the other calls are applied all the same. Only a failure
+        of the pipeline itself (Redis unreachable) raises: then no call's fate is known."""
         if not calls:
             return []
-        commands = [self._write_command(c) for c in calls]
-        raws, acks = await self._pipelined_scripts(self.scripts.write, commands)
+        groups = self._write_groups(calls)
+        commands = [self._write_many_command([calls[i] for i in group]) for group in groups]
+        raws, acks = await self._pipelined_scripts(self.scripts.write_many, commands)
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
-        wake = False
-        for i, raw in enumerate(raws):
+        wake = reload = False
+        for group, raw, ack in zip(groups, raws, acks, strict=True):
             if isinstance(raw, NoScriptError):
-                single.append(i)
-            elif isinstance(raw, Exception):
-                outcomes[i] = raw  # this script's own error reply: it changed nothing
-            elif (reply := _write_outcome(raw)) is None:
-                single.append(i)
-            else:
-                outcomes[i], schedule = reply
-                wake = wake or schedule
-                if self._replicas:
-                    outcomes[i] = self._confirm(reply[0], acks[i])
+                single += group
+                reload = True
+                continue
+            # The script's own error reply (refused before it ran) stands for each write.
+            replies = [raw] * len(group) if isinstance(raw, Exception) else raw
+            for i, one in zip(group, replies, strict=True):
+                if isinstance(one, Exception):
+                    outcomes[i] = one  # an error reply to one of this write's commands
+                elif (reply := _write_outcome(one)) is None:
+                    single.append(i)
+                else:
+                    outcomes[i], schedule = reply
+                    wake = wake or schedule
+                    if self._replicas:
+                        outcomes[i] = self._confirm(reply[0], ack)
+        if reload:
+            with contextlib.suppress(Exception):  # the single-key path does not need it
+                await self.redis.script_load(self.scripts.write_many.script)
         if wake:
             await self._wake()
         if single:
@@ -308,6 +324,33 @@ class RecordStore:
             for i, outcome in zip(single, done, strict=True):
                 outcomes[i] = _own(outcome)
         return [o for o in outcomes if o is not None]
+
+    def _write_groups(self, calls: Sequence[WriteCall]) -> list[list[int]]:
+        """The indexes of ``calls`` by shard (a script's keys live in one slot), in order,
+        at most ``_WRITES_PER_CALL`` per group."""
+        by_shard: dict[int, list[int]] = {}
+        for i, call in enumerate(calls):
+            by_shard.setdefault(self.shards.index(member(call.collection, call.key)), []).append(i)
+        return [
+            group[start : start + _WRITES_PER_CALL]
+            for group in by_shard.values()
+            for start in range(0, len(group), _WRITES_PER_CALL)
+        ]
+
+    def _write_many_command(self, calls: Sequence[WriteCall]) -> tuple[list[str], list[Any]]:
+        """write_many.lua's keys and arguments for ``calls`` (distinct keys of one shard):
+        the shard's keys of write.lua, each call's entry, and each call's write.lua
+        arguments one after the other."""
+        entries: list[str] = []
+        args: list[Any] = [0]
+        for call in calls:
+            keys, call_args = self._write_command(call)
+            entries.append(keys[0])
+            if args[0] and len(call_args) != args[0]:
+                raise AssertionError("write.lua's arguments differ in number between writes")
+            args[0] = len(call_args)
+            args += call_args
+        return keys[1:] + entries, args
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]

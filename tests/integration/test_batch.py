@@ -9,8 +9,12 @@ from typing import Any
 import asyncpg
 import httpx
 from arq.worker import Worker
+from redis.exceptions import ResponseError
 
+from service.adapters.postgres import PgPool
 from service.config import Settings
+from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
+from service.core.scripts import Scripts
 from tests.conftest import running_api, wait_drained
 
 
@@ -165,3 +169,33 @@ async def test_batch_limits_and_bad_bodies(api: httpx.AsyncClient) -> None:
         assert r.json()["error"]["code"] == "invalid_batch"
     r = await api.post("/v1/batch", content=b"{", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
+
+
+async def test_an_error_reply_to_one_write_leaves_the_others_of_its_call(
+    settings: Settings, pg: asyncpg.Connection, redis: Any
+) -> None:
+    """One call of write_many.lua runs many writes: a Redis error reply to one write's
+    command (here WRONGTYPE: its entry is not a hash) is that write's outcome alone, as
+    its own EVALSHA's would be; the writes before and after it in the call are applied
+    and answered."""
+    pool = PgPool("test", settings)
+    store = RecordStore(redis, pool, settings, Scripts.register(redis))
+    keys = [f"k{i}" for i in range(7)]
+    try:
+        first = await store.write_many([WriteCall(Op.PUT, "we", k, b"1") for k in keys])
+        assert all(isinstance(r, WriteResult) and r.status is Status.OK for r in first)
+        broken = store.shards.for_record("we", "k3").entry("we", "k3")
+        await redis.delete(broken)
+        await redis.set(broken, "not a hash")
+        again = await store.write_many([WriteCall(Op.PUT, "we", k, b"2") for k in keys])
+    finally:
+        await pool.close()
+    for key, before, after in zip(keys, first, again, strict=True):
+        if key == "k3":
+            assert isinstance(after, ResponseError) and "WRONGTYPE" in str(after), after
+            continue
+        assert isinstance(before, WriteResult) and isinstance(after, WriteResult)
+        assert after.status is Status.OK and not after.created
+        assert after.version > before.version
+        record = await store.read("we", key)
+        assert (record.version, record.document) == (after.version, b"2")
