@@ -74,9 +74,11 @@ class KeyFilter:
     def positions(self, m: str) -> list[int]:
         """The bits of member ``m`` (``collection:key``)."""
         digest = hashlib.sha1(m.encode(), usedforsecurity=False).digest()
-        h1 = int.from_bytes(digest[:8], "big")
-        h2 = int.from_bytes(digest[8:16], "big") | 1
-        return [(h1 + i * h2) % self.bits for i in range(HASHES)]
+        bits = self.bits
+        # (h1 + i * h2) % bits, with h1 and h2 reduced first: small integers from there on.
+        h1 = int.from_bytes(digest[:8], "big") % bits
+        h2 = (int.from_bytes(digest[8:16], "big") | 1) % bits
+        return [(h1 + i * h2) % bits for i in range(HASHES)]
 
     def script_args(self, m: str) -> list[int | str]:
         """What the write script takes: the complete bit's index and ``m``'s bits, or ""

@@ -23,7 +23,7 @@ from service.config import Settings
 from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
 from service.core.key_filter import KeyFilter
-from service.core.redis_keys import member
+from service.core.redis_keys import Keys, member
 from service.core.scripts import Scripts
 from service.core.shards import Shards
 
@@ -211,21 +211,20 @@ class RecordStore:
     def _write_command(self, call: WriteCall) -> tuple[list[str], list[Any]]:
         """The write script's keys and arguments (service/core/lua/write.lua documents
         them)."""
-        k = self.shards.for_record(call.collection, call.key)
+        m = member(call.collection, call.key)
+        k = self.shards.for_member(m)
+        return [k.member_entry(m), *self._shard_write_keys(k)], self._write_args(call, m)
+
+    def _shard_write_keys(self, k: Keys) -> list[str]:
+        """write.lua's KEYS after the entry: the queue keys of the entry's shard."""
+        return [k.dirty, k.inflight, k.wake, k.dead, k.pending_counts, self.key_filter.key(k)]
+
+    def _write_args(self, call: WriteCall, m: str) -> list[Any]:
+        """write.lua's ARGV for ``call`` (of member ``m``)."""
         pre, stored = call.pre, call.stored
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
-        keys = [
-            k.entry(call.collection, call.key),
-            k.dirty,
-            k.inflight,
-            k.wake,
-            k.dead,
-            k.pending_counts,
-            self.key_filter.key(k),
-        ]
-        m = member(call.collection, call.key)
-        args = [
+        return [
             call.op.value,
             call.document,
             m,
@@ -241,7 +240,6 @@ class RecordStore:
             0 if call.force else self.settings.max_pending,
             *self.key_filter.script_args(m),
         ]
-        return keys, args
 
     async def _call_write(self, command: tuple[list[str], list[Any]]) -> list[Any]:
         """The write script's reply; with REDIS_MIN_REPLICAS, followed by WAIT's count of
@@ -289,8 +287,7 @@ class RecordStore:
         of the pipeline itself (Redis unreachable) raises: then no call's fate is known."""
         if not calls:
             return []
-        groups = self._write_groups(calls)
-        commands = [self._write_many_command([calls[i] for i in group]) for group in groups]
+        groups, commands = self._write_many_commands(calls)
         raws, acks = await self._pipelined_scripts(self.scripts.write_many, commands)
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
@@ -305,13 +302,16 @@ class RecordStore:
             for i, one in zip(group, replies, strict=True):
                 if isinstance(one, Exception):
                     outcomes[i] = one  # an error reply to one of this write's commands
+                    continue
+                if one[0] == b"OK":  # the common reply, read without decoding each field
+                    result: WriteResult = WriteResult(Status.OK, int(one[1]), one[2] == b"1")
+                    wake = wake or one[3] == b"1"
                 elif (reply := _write_outcome(one)) is None:
                     single.append(i)
+                    continue
                 else:
-                    outcomes[i], schedule = reply
-                    wake = wake or schedule
-                    if self._replicas:
-                        outcomes[i] = self._confirm(reply[0], ack)
+                    result = reply[0]
+                outcomes[i] = self._confirm(result, ack) if self._replicas else result
         if reload:
             with contextlib.suppress(Exception):  # the single-key path does not need it
                 await self.redis.script_load(self.scripts.write_many.script)
@@ -325,32 +325,35 @@ class RecordStore:
                 outcomes[i] = _own(outcome)
         return [o for o in outcomes if o is not None]
 
-    def _write_groups(self, calls: Sequence[WriteCall]) -> list[list[int]]:
+    def _write_many_commands(
+        self, calls: Sequence[WriteCall]
+    ) -> tuple[list[list[int]], list[tuple[list[str], list[Any]]]]:
         """The indexes of ``calls`` by shard (a script's keys live in one slot), in order,
-        at most ``_WRITES_PER_CALL`` per group."""
-        by_shard: dict[int, list[int]] = {}
+        at most ``_WRITES_PER_CALL`` per group; and each group's write_many.lua keys and
+        arguments: the shard's keys of write.lua, each call's entry, then the number of
+        write.lua arguments per call and each call's arguments one after the other."""
+        by_shard: dict[int, list[tuple[int, str]]] = {}
         for i, call in enumerate(calls):
-            by_shard.setdefault(self.shards.index(member(call.collection, call.key)), []).append(i)
-        return [
-            group[start : start + _WRITES_PER_CALL]
-            for group in by_shard.values()
-            for start in range(0, len(group), _WRITES_PER_CALL)
-        ]
-
-    def _write_many_command(self, calls: Sequence[WriteCall]) -> tuple[list[str], list[Any]]:
-        """write_many.lua's keys and arguments for ``calls`` (distinct keys of one shard):
-        the shard's keys of write.lua, each call's entry, and each call's write.lua
-        arguments one after the other."""
-        entries: list[str] = []
-        args: list[Any] = [0]
-        for call in calls:
-            keys, call_args = self._write_command(call)
-            entries.append(keys[0])
-            if args[0] and len(call_args) != args[0]:
-                raise AssertionError("write.lua's arguments differ in number between writes")
-            args[0] = len(call_args)
-            args += call_args
-        return keys[1:] + entries, args
+            m = member(call.collection, call.key)
+            by_shard.setdefault(self.shards.index(m), []).append((i, m))
+        groups: list[list[int]] = []
+        commands: list[tuple[list[str], list[Any]]] = []
+        for shard, members in by_shard.items():
+            k = self.shards[shard]
+            for start in range(0, len(members), _WRITES_PER_CALL):
+                part = members[start : start + _WRITES_PER_CALL]
+                entries = [k.member_entry(m) for _, m in part]
+                args: list[Any] = [0]
+                for i, m in part:
+                    one = self._write_args(calls[i], m)
+                    if args[0] != len(one):
+                        if args[0]:
+                            raise AssertionError("write.lua's arguments differ in number")
+                        args[0] = len(one)
+                    args += one
+                groups.append([i for i, _ in part])
+                commands.append((self._shard_write_keys(k) + entries, args))
+        return groups, commands
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
