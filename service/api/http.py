@@ -30,6 +30,8 @@ def validate_collection(collection: str) -> None:
 
 
 def validate_key(key: str) -> None:
+    if key.isascii() and key.isprintable() and 0 < len(key) <= MAX_KEY_BYTES:
+        return  # the common key: one byte per character, none a control character
     if not 1 <= len(key.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
         raise ApiError(
             422, "invalid_key", f"A key is 1-{MAX_KEY_BYTES} bytes after percent-decoding."
