@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from arq.worker import Worker
 from redis.exceptions import ResponseError
 
 from service.adapters.postgres import PgPool
+from service.api.app import GC_GEN0_THRESHOLD
 from service.config import Settings
 from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
 from service.core.scripts import Scripts
@@ -199,3 +201,15 @@ async def test_an_error_reply_to_one_write_leaves_the_others_of_its_call(
         assert after.version > before.version
         record = await store.read("we", key)
         assert (record.version, record.document) == (after.version, b"2")
+
+
+async def test_the_api_collects_young_objects_less_often_while_it_runs(
+    settings: Settings, redis: Any
+) -> None:
+    """A batch's parsed documents live until it answers: the API raises the young
+    generation's threshold while it serves (service/api/app.py) and puts it back after."""
+    before = gc.get_threshold()
+    async with running_api(settings) as api:
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+        assert (await api.get("/healthz")).status_code == 200
+    assert gc.get_threshold() == before
