@@ -200,17 +200,23 @@ def _as_postgres_prints(value: Any) -> Any:
     return value
 
 
+# Bytes (ints) that a text searched for in every document contains: ``int in bytes`` is a
+# memchr, while ``bytes in bytes`` first tries the needle as an integer and clears the
+# TypeError (~0.5 µs per search on a 200-byte document, three searches per document).
+_MINUS, _PLUS, _BACKSLASH = b"-+\\"
+
+
 def canonical(value: Any, max_bytes: int) -> bytes:
     """Serialize ``value`` canonically and check that Postgres jsonb can hold it."""
     try:
         out = dumps(value)
         # Store what a read back from Postgres gives, so a hit and a miss send one body.
-        if b"-0.0" in out or b"e+" in out:
+        if (_MINUS in out and b"-0.0" in out) or (_PLUS in out and b"e+" in out):
             out = dumps(_as_postgres_prints(value))
     except TypeError as exc:  # e.g. integers beyond 64 bits
         raise DocumentError("invalid_document", f"The document cannot be stored: {exc}") from exc
     # jsonb refuses \u0000; the cheap byte test rules out almost every document.
-    if b"\\u0000" in out and _has_nul(value):
+    if _BACKSLASH in out and b"\\u0000" in out and _has_nul(value):
         raise DocumentError(
             "invalid_document", "Documents cannot contain the NUL character (\\u0000)."
         )
