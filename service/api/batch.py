@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -155,15 +156,19 @@ async def _execute(
     each key's r-th operation): a round's puts and deletes go to Redis in one pipeline,
     its gets in another; patches (read, merge, compare-and-set) and writes through
     (``through[i]``) run one by one, concurrently."""
-    by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, op in enumerate(ops):
-        by_key[(op["collection"], op["key"])].append(i)
+    names = [(op["collection"], op["key"]) for op in ops]
     rounds: list[list[int]] = []
-    for indexes in by_key.values():
-        for r, i in enumerate(indexes):
-            if r == len(rounds):
-                rounds.append([])
-            rounds[r].append(i)
+    if len(set(names)) == len(names):  # each key once (the common batch): one round
+        rounds.append(list(range(len(ops))))
+    else:
+        by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, name in enumerate(names):
+            by_key[name].append(i)
+        for indexes in by_key.values():
+            for r, i in enumerate(indexes):
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].append(i)
     results: list[dict[str, Any]] = [{}] * len(ops)  # each replaced by its result
     gate = asyncio.Semaphore(64)
 
@@ -181,11 +186,15 @@ async def _execute(
                 gets.append(i)
             else:
                 writes.append(i)
-        await asyncio.gather(
-            _pipelined_writes(state, ops, writes, results),
-            _pipelined_gets(state, ops, gets, results),
-            *(one(i) for i in others),
-        )
+        jobs: list[Coroutine[Any, Any, None]] = [one(i) for i in others]
+        if writes:
+            jobs.append(_pipelined_writes(state, ops, writes, results))
+        if gets:
+            jobs.append(_pipelined_gets(state, ops, gets, results))
+        if len(jobs) == 1:
+            await jobs[0]  # no task to gather
+        else:
+            await asyncio.gather(*jobs)
     return results
 
 
