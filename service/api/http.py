@@ -20,7 +20,8 @@ _VERSION_TAG = re.compile(r"[1-9][0-9]*")
 
 
 def validate_collection(collection: str) -> None:
-    if not COLLECTION_RE.match(collection):
+    # fullmatch: with match, "$" also matched before a trailing newline ("users\n").
+    if not COLLECTION_RE.fullmatch(collection):
         raise ApiError(
             422,
             "invalid_collection",

@@ -30,6 +30,7 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
         {"op": "get", "collection": "users", "key": "alice"},
         {"op": "delete", "collection": "users", "key": "ghost"},
         {"op": "put", "collection": "BAD", "key": "k", "document": 1},
+        {"op": "put", "collection": "users\n", "key": "k", "document": 1},
         {"op": "put", "collection": "users", "key": "nul", "document": {"a": "\x00"}},
         {"op": "get", "collection": "users", "key": "a/b"},
     ]
@@ -43,8 +44,9 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
     assert res[3] == {"status": 200, "version": res[0]["version"], "document": {"n": 1}}
     assert res[4]["status"] == 404
     assert res[5]["status"] == 422 and res[5]["error"]["code"] == "invalid_collection"
-    assert res[6]["status"] == 422
-    assert res[7]["status"] == 404
+    assert res[6]["status"] == 422 and res[6]["error"]["code"] == "invalid_collection"
+    assert res[7]["status"] == 422
+    assert res[8]["status"] == 404
     # Nothing was written for the failed operations.
     assert (await api.get("/v1/users/nul")).status_code == 404
     assert (await api.get("/v1/users/bob")).json() == {"age": 30, "x": 1}
