@@ -3,6 +3,7 @@ strong ETags and the conditional headers of RFC 9110 §13."""
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -12,6 +13,7 @@ from service.api.errors import ApiError
 from service.core.records import Match
 
 COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_COLLECTION_CHARS = 64
 MAX_KEY_BYTES = 512
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
@@ -19,9 +21,16 @@ _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
 _VERSION_TAG = re.compile(r"[1-9][0-9]*")
 
 
-def validate_collection(collection: str) -> None:
+@functools.lru_cache(maxsize=1024)
+def _collection_ok(collection: str) -> bool:
     # fullmatch: with match, "$" also matched before a trailing newline ("users\n").
-    if not COLLECTION_RE.fullmatch(collection):
+    return COLLECTION_RE.fullmatch(collection) is not None
+
+
+def validate_collection(collection: str) -> None:
+    # A service sees few collections, each in every request: the answer is remembered
+    # (for names no longer than a valid one, so the cache stays small).
+    if len(collection) > MAX_COLLECTION_CHARS or not _collection_ok(collection):
         raise ApiError(
             422,
             "invalid_collection",
