@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from service.api.state import AppState
 from service.core import documents
 from service.core.documents import DocumentError
 from service.core.errors import ReplicasUnconfirmed, classify
-from service.core.records import Op, Preconditions, Record, WriteCall, WriteResult
+from service.core.records import Op, Preconditions, Record, Status, WriteCall, WriteResult
 
 router = APIRouter(
     prefix="/v1", tags=["records"], responses=ERROR_RESPONSES, route_class=ScopedRoute
@@ -139,7 +140,10 @@ async def batch(request: Request, state: StateDep) -> Response:
     checked = [_validate(i, op) for i, op in enumerate(ops)]
     # Per operation, as a single-key write to its collection would go (COLLECTION_WRITE_MODE
     # unless the request's Write-Mode says otherwise).
-    through = [write_mode(state, header, op["collection"]) == "through" for op in checked]
+    if header is None and not state.settings.collection_write_mode:
+        through = [False] * len(checked)
+    else:
+        through = [write_mode(state, header, op["collection"]) == "through" for op in checked]
 
     results = await _execute(state, checked, through)
     return json_response({"results": results})
@@ -152,16 +156,20 @@ async def _execute(
     each key's r-th operation): a round's puts and deletes go to Redis in one pipeline,
     its gets in another; patches (read, merge, compare-and-set) and writes through
     (``through[i]``) run one by one, concurrently."""
-    by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, op in enumerate(ops):
-        by_key[(op["collection"], op["key"])].append(i)
+    names = [(op["collection"], op["key"]) for op in ops]
     rounds: list[list[int]] = []
-    for indexes in by_key.values():
-        for r, i in enumerate(indexes):
-            if r == len(rounds):
-                rounds.append([])
-            rounds[r].append(i)
-    results: list[dict[str, Any]] = [{} for _ in ops]
+    if len(set(names)) == len(names):  # each key once (the common batch): one round
+        rounds.append(list(range(len(ops))))
+    else:
+        by_key: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, name in enumerate(names):
+            by_key[name].append(i)
+        for indexes in by_key.values():
+            for r, i in enumerate(indexes):
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].append(i)
+    results: list[dict[str, Any]] = [{}] * len(ops)  # each replaced by its result
     gate = asyncio.Semaphore(64)
 
     async def one(i: int) -> None:
@@ -178,11 +186,15 @@ async def _execute(
                 gets.append(i)
             else:
                 writes.append(i)
-        await asyncio.gather(
-            _pipelined_writes(state, ops, writes, results),
-            _pipelined_gets(state, ops, gets, results),
-            *(one(i) for i in others),
-        )
+        jobs: list[Coroutine[Any, Any, None]] = [one(i) for i in others]
+        if writes:
+            jobs.append(_pipelined_writes(state, ops, writes, results))
+        if gets:
+            jobs.append(_pipelined_gets(state, ops, gets, results))
+        if len(jobs) == 1:
+            await jobs[0]  # no task to gather
+        else:
+            await asyncio.gather(*jobs)
     return results
 
 
@@ -192,7 +204,13 @@ def _name(op: dict[str, Any]) -> tuple[str, str]:
     return op["collection"], op["key"]
 
 
+# What most operations carry: no If-Match, no If-None-Match.
+_NO_PRECONDITIONS = Preconditions()
+
+
 def _preconditions(op: dict[str, Any]) -> Preconditions:
+    if "if_match" not in op and "if_none_match" not in op:
+        return _NO_PRECONDITIONS
     return Preconditions(
         if_match=parse_match(op.get("if_match"), "If-Match"),
         if_none_match=parse_match(op.get("if_none_match"), "If-None-Match"),
@@ -219,13 +237,14 @@ async def _pipelined_writes(
     """Write-behind puts and deletes of distinct keys; each gets its own outcome."""
     calls: list[WriteCall] = []
     called: list[int] = []
+    max_bytes = state.settings.max_document_bytes
     for i in indexes:
         op = ops[i]
         try:
             collection, key = _name(op)
             pre = _preconditions(op)
             if op["op"] == "put":
-                doc = documents.canonical(op["document"], state.settings.max_document_bytes)
+                doc = documents.canonical(op["document"], max_bytes)
                 calls.append(WriteCall(Op.PUT, collection, key, doc, pre))
             else:
                 calls.append(WriteCall(Op.DELETE, collection, key, pre=pre))
@@ -243,14 +262,15 @@ async def _pipelined_writes(
         if isinstance(result, Exception):  # this write alone failed; the others stand
             results[i] = _failure(result)
             continue
-        if overflow_through(state, result):
-            retry.append(i)  # past MAX_PENDING, configured to write through: one by one
-            continue
-        try:
-            check_write(result)
-        except ApiError as exc:
-            results[i] = _failure(exc)
-            continue
+        if result.status is not Status.OK:
+            if overflow_through(state, result):
+                retry.append(i)  # past MAX_PENDING, configured to write through: one by one
+                continue
+            try:
+                check_write(result)
+            except ApiError as exc:
+                results[i] = _failure(exc)
+                continue
         results[i] = _write_result(ops[i]["op"], result)
     for i in retry:
         results[i] = await _run(state, ops[i], through=False)

@@ -3,6 +3,7 @@ strong ETags and the conditional headers of RFC 9110 §13."""
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -12,6 +13,7 @@ from service.api.errors import ApiError
 from service.core.records import Match
 
 COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_COLLECTION_CHARS = 64
 MAX_KEY_BYTES = 512
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
@@ -19,8 +21,16 @@ _ETAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
 _VERSION_TAG = re.compile(r"[1-9][0-9]*")
 
 
+@functools.lru_cache(maxsize=1024)
+def _collection_ok(collection: str) -> bool:
+    # fullmatch: with match, "$" also matched before a trailing newline ("users\n").
+    return COLLECTION_RE.fullmatch(collection) is not None
+
+
 def validate_collection(collection: str) -> None:
-    if not COLLECTION_RE.match(collection):
+    # A service sees few collections, each in every request: the answer is remembered
+    # (for names no longer than a valid one, so the cache stays small).
+    if len(collection) > MAX_COLLECTION_CHARS or not _collection_ok(collection):
         raise ApiError(
             422,
             "invalid_collection",
@@ -30,6 +40,8 @@ def validate_collection(collection: str) -> None:
 
 
 def validate_key(key: str) -> None:
+    if key.isascii() and key.isprintable() and 0 < len(key) <= MAX_KEY_BYTES:
+        return  # the common key: one byte per character, none a control character
     if not 1 <= len(key.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
         raise ApiError(
             422, "invalid_key", f"A key is 1-{MAX_KEY_BYTES} bytes after percent-decoding."

@@ -34,8 +34,23 @@ class DocumentError(ValueError):
 # an IEEE double (orjson would silently round 0.1000000000000000000001 to 0.1, 1e-400 to
 # 0.0). Any number of at most 15 significant digits with an exponent of at most 2 digits
 # survives, so a body needs the exact check only where a digit starts a run of 16 digits
-# and points, or an exponent has 3 digits: this pattern (as cheap as a plain \d{19,}).
+# and points, or an exponent has 3 digits: this pattern.
 _MAYBE_INEXACT = re.compile(rb"\d(?:[\d.]{15,}|[eE][+-]?\d{3})")
+# The same test without the regex engine's step per byte (6x faster on a batch body):
+# digits and points -> "0", e/E -> "e", signs -> "+", any other byte -> " ", then plain
+# substring searches. It finds every match of _MAYBE_INEXACT, and also a run of 16 that
+# starts with a point (only inside a string, in valid JSON): the exact check then says no.
+_NUMERIC = bytes(
+    48 if c in b"0123456789." else 101 if c in b"eE" else 43 if c in b"+-" else 32
+    for c in range(256)
+)
+
+
+def _maybe_inexact(body: bytes) -> bool:
+    s = body.translate(_NUMERIC)
+    return b"0" * 16 in s or b"0e000" in s or b"0e+000" in s
+
+
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
 
 
@@ -96,6 +111,8 @@ _TOO_DEEP = (
 
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
 _STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+_PAIRS = bytes.maketrans(b"[{]}", b"(())")  # the body is valid JSON: each pair matches
+_PEEL_PASSES = 12
 
 
 def _deeper_than(body: bytes, limit: int) -> bool:
@@ -111,6 +128,15 @@ def _deeper_than(body: bytes, limit: int) -> bool:
         s = b"".join(s.split(b'"')[::2])
     if len(s) <= 2 * limit:  # not even limit + 1 openings
         return False
+    # Peel the innermost pairs: one pass of replace removes every "()" that was there
+    # before it, so each pass takes exactly one level off the deepest nesting. Gone
+    # within P <= limit passes: no deeper than P. Most bodies are gone in a few passes
+    # (C speed); what is left after _PEEL_PASSES is measured below.
+    peeled = s.translate(_PAIRS)
+    for _ in range(min(limit, _PEEL_PASSES)):
+        peeled = peeled.replace(b"()", b"")
+        if not peeled:
+            return False
     # Depth after i brackets = opened - closed = (sum of 2 per opening) - i.
     deepest: int = max(map(operator.sub, accumulate(s.translate(_STEPS)), count(1)))
     return deepest > limit
@@ -124,7 +150,7 @@ def parse(body: bytes, nesting: int = 0) -> Any:
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):  # orjson reads at most 1024 levels
             raise DocumentError("too_deep", _TOO_DEEP) from exc
-        if _MAYBE_INEXACT.search(body) and _is_json(body):
+        if _maybe_inexact(body) and _is_json(body):
             _check_numbers(body)  # orjson refuses 1e400, valid JSON: say what to fix
         raise DocumentError("malformed_json", f"The body is not valid JSON: {exc}") from exc
     # Nesting: counting brackets (C speed) rules out almost every body before the walk.
@@ -133,7 +159,7 @@ def parse(body: bytes, nesting: int = 0) -> Any:
         raise DocumentError("too_deep", _TOO_DEEP)
     # orjson rounds numbers it cannot hold (integers beyond 64 bits become floats): refuse
     # them (the cheap byte test rules out almost every body).
-    if _MAYBE_INEXACT.search(body):
+    if _maybe_inexact(body):
         _check_numbers(body)
     return value
 
@@ -174,17 +200,23 @@ def _as_postgres_prints(value: Any) -> Any:
     return value
 
 
+# Bytes (ints) that a text searched for in every document contains: ``int in bytes`` is a
+# memchr, while ``bytes in bytes`` first tries the needle as an integer and clears the
+# TypeError (~0.5 µs per search on a 200-byte document, three searches per document).
+_MINUS, _PLUS, _BACKSLASH = b"-+\\"
+
+
 def canonical(value: Any, max_bytes: int) -> bytes:
     """Serialize ``value`` canonically and check that Postgres jsonb can hold it."""
     try:
         out = dumps(value)
         # Store what a read back from Postgres gives, so a hit and a miss send one body.
-        if b"-0.0" in out or b"e+" in out:
+        if (_MINUS in out and b"-0.0" in out) or (_PLUS in out and b"e+" in out):
             out = dumps(_as_postgres_prints(value))
     except TypeError as exc:  # e.g. integers beyond 64 bits
         raise DocumentError("invalid_document", f"The document cannot be stored: {exc}") from exc
     # jsonb refuses \u0000; the cheap byte test rules out almost every document.
-    if b"\\u0000" in out and _has_nul(value):
+    if _BACKSLASH in out and b"\\u0000" in out and _has_nul(value):
         raise DocumentError(
             "invalid_document", "Documents cannot contain the NUL character (\\u0000)."
         )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ HASHES = 7
 BITS_PER_KEY = 9.6
 # The smallest bitmap per shard (1 KiB): many shards of a small capacity.
 MIN_BITS = 8192
+# SHA-1's first two 64-bit words, big-endian: the two hashes of double hashing.
+_TWO_WORDS = struct.Struct(">QQ").unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +83,18 @@ class KeyFilter:
 
     def positions(self, m: str) -> list[int]:
         """The bits of member ``m`` (``collection:key``)."""
-        digest = hashlib.sha1(m.encode(), usedforsecurity=False).digest()
-        h1 = int.from_bytes(digest[:8], "big")
-        h2 = int.from_bytes(digest[8:16], "big") | 1
-        return [(h1 + i * h2) % self.bits for i in range(HASHES)]
+        h1, h2 = _TWO_WORDS(hashlib.sha1(m.encode(), usedforsecurity=False).digest())
+        bits = self.bits
+        # (h1 + i * h2) % bits, step by step with h1 and h2 reduced first (half the CPU of
+        # the plain formula: it runs for every write).
+        p, step = h1 % bits, (h2 | 1) % bits
+        out = [p]
+        for _ in range(HASHES - 1):
+            p += step
+            if p >= bits:
+                p -= bits
+            out.append(p)
+        return out
 
     def script_args(self, m: str, run_id: str = "") -> list[int | str]:
         """What the scripts take: the complete bit's index, the run_id of the server the

@@ -30,6 +30,17 @@ def _source(name: str) -> str:
 _INCLUDE = re.compile(r"^-- include (\w+\.lua)$", re.MULTILINE)
 
 
+# Where write_many.lua takes write.lua's text: one write path, whichever script runs it.
+_WRITE_BODY = "--[[write.lua]]"
+
+
+def _write_many_source() -> str:
+    outer = _source("write_many")
+    if outer.count(_WRITE_BODY) != 1:
+        raise AssertionError("write_many.lua must name the place of write.lua's text once")
+    return outer.replace(_WRITE_BODY, _source("write"))
+
+
 class _Script(AsyncScript):
     """redis-py's AsyncScript, sending the script's body (EVAL, which also caches it on
     that node) when the node still answers NOSCRIPT after the SCRIPT LOAD: on a Cluster
@@ -57,6 +68,7 @@ def script(redis: AnyRedis, source: str) -> AsyncScript:
 @dataclass(frozen=True)
 class Scripts:
     write: AsyncScript
+    write_many: AsyncScript
     fill: AsyncScript
     candidates: AsyncScript
     take_over: AsyncScript
@@ -73,6 +85,7 @@ class Scripts:
     def register(cls, redis: AnyRedis) -> Scripts:
         return cls(
             write=script(redis, _source("write")),
+            write_many=script(redis, _write_many_source()),
             fill=script(redis, _source("fill")),
             candidates=script(redis, _source("candidates")),
             take_over=script(redis, _source("takeover")),

@@ -61,6 +61,7 @@ CASES: dict[str, Bad] = {
     "collection-leading-underscore": Bad("PUT", "/v1/_abc/k", 422, b"{}", JSON),
     "collection-with-dot": Bad("PUT", "/v1/a.b/k", 422, b"{}", JSON),
     "collection-with-colon": Bad("PUT", "/v1/a%3Ab/k", 422, b"{}", JSON),
+    "collection-trailing-newline": Bad("PUT", "/v1/{c}%0A/k", 422, b"{}", JSON),
     "key-513-bytes": Bad("PUT", "/v1/{c}/" + "k" * 513, 422, b"{}", JSON),
     "key-514-bytes-utf8": Bad("PUT", "/v1/{c}/" + "%C3%A9" * 257, 422, b"{}", JSON),
     "key-control-01": Bad("PUT", "/v1/{c}/a%01b", 422, b"{}", JSON),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -9,8 +10,13 @@ from typing import Any
 import asyncpg
 import httpx
 from arq.worker import Worker
+from redis.exceptions import ResponseError
 
+from service.adapters.postgres import PgPool
+from service.api.app import GC_GEN0_THRESHOLD
 from service.config import Settings
+from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
+from service.core.scripts import Scripts
 from tests.conftest import running_api, wait_drained
 
 
@@ -24,6 +30,7 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
         {"op": "get", "collection": "users", "key": "alice"},
         {"op": "delete", "collection": "users", "key": "ghost"},
         {"op": "put", "collection": "BAD", "key": "k", "document": 1},
+        {"op": "put", "collection": "users\n", "key": "k", "document": 1},
         {"op": "put", "collection": "users", "key": "nul", "document": {"a": "\x00"}},
         {"op": "get", "collection": "users", "key": "a/b"},
     ]
@@ -37,8 +44,9 @@ async def test_mixed_operations_each_get_their_own_result(api: httpx.AsyncClient
     assert res[3] == {"status": 200, "version": res[0]["version"], "document": {"n": 1}}
     assert res[4]["status"] == 404
     assert res[5]["status"] == 422 and res[5]["error"]["code"] == "invalid_collection"
-    assert res[6]["status"] == 422
-    assert res[7]["status"] == 404
+    assert res[6]["status"] == 422 and res[6]["error"]["code"] == "invalid_collection"
+    assert res[7]["status"] == 422
+    assert res[8]["status"] == 404
     # Nothing was written for the failed operations.
     assert (await api.get("/v1/users/nul")).status_code == 404
     assert (await api.get("/v1/users/bob")).json() == {"age": 30, "x": 1}
@@ -165,3 +173,45 @@ async def test_batch_limits_and_bad_bodies(api: httpx.AsyncClient) -> None:
         assert r.json()["error"]["code"] == "invalid_batch"
     r = await api.post("/v1/batch", content=b"{", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
+
+
+async def test_an_error_reply_to_one_write_leaves_the_others_of_its_call(
+    settings: Settings, pg: asyncpg.Connection, redis: Any
+) -> None:
+    """One call of write_many.lua runs many writes: a Redis error reply to one write's
+    command (here WRONGTYPE: its entry is not a hash) is that write's outcome alone, as
+    its own EVALSHA's would be; the writes before and after it in the call are applied
+    and answered."""
+    pool = PgPool("test", settings)
+    store = RecordStore(redis, pool, settings, Scripts.register(redis))
+    keys = [f"k{i}" for i in range(7)]
+    try:
+        first = await store.write_many([WriteCall(Op.PUT, "we", k, b"1") for k in keys])
+        assert all(isinstance(r, WriteResult) and r.status is Status.OK for r in first)
+        broken = store.shards.for_record("we", "k3").entry("we", "k3")
+        await redis.delete(broken)
+        await redis.set(broken, "not a hash")
+        again = await store.write_many([WriteCall(Op.PUT, "we", k, b"2") for k in keys])
+    finally:
+        await pool.close()
+    for key, before, after in zip(keys, first, again, strict=True):
+        if key == "k3":
+            assert isinstance(after, ResponseError) and "WRONGTYPE" in str(after), after
+            continue
+        assert isinstance(before, WriteResult) and isinstance(after, WriteResult)
+        assert after.status is Status.OK and not after.created
+        assert after.version > before.version
+        record = await store.read("we", key)
+        assert (record.version, record.document) == (after.version, b"2")
+
+
+async def test_the_api_collects_young_objects_less_often_while_it_runs(
+    settings: Settings, redis: Any
+) -> None:
+    """A batch's parsed documents live until it answers: the API raises the young
+    generation's threshold while it serves (service/api/app.py) and puts it back after."""
+    before = gc.get_threshold()
+    async with running_api(settings) as api:
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, *before[1:])
+        assert (await api.get("/healthz")).status_code == 200
+    assert gc.get_threshold() == before

@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from service.config import Settings
 from tests.conftest import running_api, running_worker, wait_drained
+from tests.integration.test_redis_faults import throwaway_redis
 
 # A Postgres nobody answers on: port 1 is closed.
 DOWN_URL = "postgresql://postgres@127.0.0.1:1/x"
@@ -177,3 +180,45 @@ async def test_batch_follows_each_collections_write_mode(
         assert c4["status"] == 201
         # Accepted and queued all the same: readable from Redis.
         assert (await down_api.get(f"/v1/{orders}/o3")).json() == {"total": 7}
+
+
+async def test_a_batch_at_maxmemory_answers_each_write_503_and_writes_nothing(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, tmp_path: Path, c: str
+) -> None:
+    """A round's writes to one shard run in one script call; at maxmemory each of them is
+    refused (503 redis_full) as its own call would have been, none is applied, and the
+    reads of the batch still answer."""
+    async with throwaway_redis(
+        tmp_path / "redis", "--maxmemory", "6mb", "--maxmemory-policy", "volatile-lru"
+    ) as server:
+        async with running_api(settings_factory(redis_url=server.url)) as api:
+            blob = "x" * 16_000
+            versions: dict[str, str] = {}
+            for i in range(2000):
+                r = await api.put(f"/v1/{c}/k{i}", json={"i": i, "blob": blob})
+                if r.status_code == 503:
+                    break
+                versions[f"k{i}"] = r.headers["etag"]
+            assert r.status_code == 503 and len(versions) > 10, r.text
+            control = Redis(port=server.port)
+            used = (await control.info("memory"))["used_memory"]
+            await control.config_set("maxmemory", used - 512 * 1024)
+            await control.aclose()
+
+            ops: list[dict[str, Any]] = [put(c, f"k{i}", {"i": -i}) for i in range(5)]
+            ops += [
+                {"op": "delete", "collection": c, "key": "k5"},
+                put(c, "k6", {"i": -6}, if_match=versions["k6"]),
+                {"op": "get", "collection": c, "key": "k7"},
+            ]
+            r = await api.post("/v1/batch", json={"operations": ops})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            for op, res in zip(ops[:-1], results, strict=False):
+                assert res["status"] == 503, (op, res)
+                assert res["error"]["code"] == "redis_full", res
+            assert results[-1]["status"] == 200
+            assert results[-1]["version"] == int(versions["k7"].strip('"'))
+            for i in range(7):
+                got = await api.get(f"/v1/{c}/k{i}")
+                assert got.status_code == 200 and got.headers["etag"] == versions[f"k{i}"]

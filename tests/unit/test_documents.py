@@ -224,3 +224,33 @@ def test_depth_read_from_bytes_matches_the_values() -> None:
         body, depth = orjson.dumps(value), _depth(value)
         for limit in (0, 1, 2, 3, 5, 8):
             assert documents._deeper_than(body, limit) == (depth > limit), (body, limit)
+
+
+def test_the_fast_number_test_finds_what_the_pattern_finds() -> None:
+    """``_maybe_inexact`` decides whether a body needs the exact number check: it must find
+    every match of ``_MAYBE_INEXACT`` (a miss would let orjson round a number silently);
+    finding more only costs the exact check."""
+    rng = random.Random(11)
+    alphabet = b'0123456789..eE+-- x"[,'
+    for _ in range(20000):
+        body = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if documents._MAYBE_INEXACT.search(body):
+            assert documents._maybe_inexact(body), body
+    for body in (b"[1234567890123456]", b"1.234567890123456", b"[1e400]", b"-1E-400", b"9e+999"):
+        assert documents._MAYBE_INEXACT.search(body) and documents._maybe_inexact(body)
+    for body in (b"123456789012345", b"1e40", b"[1.5, 2e-10]", b'{"e": "0e00"}'):
+        assert not documents._maybe_inexact(body)
+
+
+def test_depth_past_the_peeling_passes_is_measured_exactly() -> None:
+    """Bodies whose brackets are not all peeled within ``_PEEL_PASSES`` are measured by the
+    running sum: the answer is the same on both sides of that number."""
+    rng = random.Random(3)
+    for _ in range(400):
+        depth = rng.randint(0, 2 * documents._PEEL_PASSES + 4)
+        value: Any = rng.choice([1, "[", None])
+        for _ in range(depth):
+            value = [value, {"a": []}] if rng.random() < 0.5 else {"k": value, "s": "]}"}
+        body, actual = orjson.dumps(value), _depth(value)
+        for limit in range(max(0, actual - 2), actual + 3):
+            assert documents._deeper_than(body, limit) == (actual > limit), (actual, limit)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from service.adapters.postgres import asyncpg_dsn, sqlalchemy_url
 from service.api.errors import ApiError
-from service.api.http import is_json, none_match_hits, parse_match
+from service.api.http import (
+    MAX_KEY_BYTES,
+    is_json,
+    none_match_hits,
+    parse_match,
+    validate_collection,
+    validate_key,
+)
 from service.core.records import Match
 from service.core.redis_keys import member, split_member
 
@@ -60,3 +69,39 @@ def test_database_urls() -> None:
         sqlalchemy_url("postgresql://u@h:5/db?sslmode=require")
         == "postgresql+asyncpg://u@h:5/db?ssl=require"
     )
+
+
+def _key_error(key: str) -> str | None:
+    try:
+        validate_key(key)
+    except ApiError as exc:
+        return exc.message
+    return None
+
+
+def test_key_rules_hold_for_every_character() -> None:
+    """1-512 bytes of UTF-8 after percent-decoding, no control character: the same answer
+    whether the key is plain ASCII (checked by the shortcut) or not."""
+    for c in map(chr, range(0x250)):
+        control = ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
+        for key in (c, f"a{c}b", c * 300):
+            size = len(key.encode("utf-8"))
+            expected = size > MAX_KEY_BYTES or control
+            assert (_key_error(key) is not None) == expected, (key, _key_error(key))
+    assert _key_error("") is not None
+    assert _key_error("k" * MAX_KEY_BYTES) is None
+    assert _key_error("k" * (MAX_KEY_BYTES + 1)) is not None
+    assert _key_error("é" * 256) is None and _key_error("é" * 257) is not None
+    assert _key_error("\udcff") == "A key must be valid UTF-8."
+
+
+def test_collection_names_are_checked_the_same_every_time() -> None:
+    names = ["users", "a", "0-x_y", "x" * 64, "x" * 65, "Users", "-a", "a b", "", "é", "a\n"]
+    for _ in range(3):  # the answers are remembered: the same ones
+        for name in names:
+            try:
+                validate_collection(name)
+                ok = True
+            except ApiError:
+                ok = False
+            assert ok == bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name)), name

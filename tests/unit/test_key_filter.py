@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from service.config import Settings
 from service.core.key_filter import HASHES, MIN_BITS, KeyFilter, complete
 
@@ -28,6 +30,20 @@ def test_positions_are_stable_and_in_range() -> None:
     assert all(0 <= p < kf.bits for p in positions)
     assert kf.positions("users:bob") != positions
     assert kf.script_args("users:alice", "r1") == [kf.bits, "r1", *positions]
+
+
+def test_positions_are_double_hashing_of_sha1() -> None:
+    """The bits every filter in Redis was built with: a member's positions never change,
+    however they are computed (SHA-1's first two 64-bit words, h1 + i * h2 mod bits)."""
+    for bits in (MIN_BITS, 9_600_000, 38_400_000, 2**40 + 8):
+        kf = KeyFilter(bits)
+        for n in range(300):
+            m = f"c{n % 7}:key-{n}"
+            digest = hashlib.sha1(m.encode()).digest()
+            h1 = int.from_bytes(digest[:8], "big")
+            h2 = int.from_bytes(digest[8:16], "big") | 1
+            assert kf.positions(m) == [(h1 + i * h2) % bits for i in range(HASHES)]
+    assert KeyFilter(38_400_000).positions("users:alice")[:2] == [28758602, 11451315]
 
 
 def test_a_bitmap_holds_what_was_added_in_redis_bit_order() -> None:
