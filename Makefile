@@ -26,7 +26,7 @@ up: install
 	$(BIN)/wbcache up
 
 test: install
-	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-test-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
