@@ -25,6 +25,7 @@ from service.core.flusher import Flusher
 from service.core.scripts import Scripts
 from service.core.shards import Shards
 from worker.flush import SweepState, drain, flush, sweep
+from worker.purge import Purger
 
 log = logging.getLogger("wbcache.worker")
 
@@ -61,6 +62,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         await check_redis_durability(redis)
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+    if settings.edge_urls:  # EDGE_PURGE_URLS: this worker also drains the purge queue
+        ctx["purger"] = asyncio.create_task(Purger(redis, settings).run())
     log.info("worker %s started", ctx["worker_id"])
 
 
@@ -70,7 +73,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     # before the pools close.
     sweep_state: SweepState | None = ctx.get("sweep_state")
     build = sweep_state.key_filter_build if sweep_state is not None else None
-    tasks: list[asyncio.Task[Any]] = [t for t in (ctx.get("heartbeat"), build) if t is not None]
+    tasks: list[asyncio.Task[Any]] = [
+        t for t in (ctx.get("heartbeat"), ctx.get("purger"), build) if t is not None
+    ]
     for task in tasks:
         task.cancel()
     if tasks:
