@@ -51,7 +51,13 @@ sub vcl_recv {
         return (synth(200, "Purged " + req.http.n-gone + " objects"));
     }
     unset req.http.X-Wb-Fwd;
-    if (req.restarts > 0 && req.http.X-Wb-Stale-Refused) {
+    if (req.restarts == 0) {
+        unset req.http.X-Wb-Stale-Refused;
+        unset req.http.X-Wb-Stale-Ok;
+    } elsif (req.http.X-Wb-Stale-Ok) {
+        # The fresh fetch failed: any stale copy within its grace (stale-if-error) will do.
+        set req.grace = 100d;
+    } elsif (req.http.X-Wb-Stale-Refused) {
         # vcl_hit refused a stale copy: look up again, and fetch if only stale ones exist.
         set req.grace = 0s;
     }
@@ -67,9 +73,11 @@ sub vcl_recv {
 sub vcl_hit {
     # Within its TTL: fresh. Past it, a stale copy is served (and refreshed in the
     # background) only within stale-while-revalidate, or within stale-if-error while the
-    # API is down; otherwise the request waits for a fresh copy.
+    # API is down (its probe fails, or the fresh fetch failed: vcl_deliver); otherwise the
+    # request waits for a fresh copy.
     if (obj.ttl < 0s
         && obj.ttl + std.duration(obj.http.X-Wb-Swr + "s", 0s) < 0s
+        && !req.http.X-Wb-Stale-Ok
         && std.healthy(req.backend_hint)) {
         set req.http.X-Wb-Stale-Refused = "1";
         return (restart);
@@ -82,6 +90,16 @@ sub vcl_pass {
 }
 
 sub vcl_backend_response {
+    if (beresp.status >= 500) {
+        # Never stored, and never in place of a stale copy: a failed refresh keeps the
+        # old one, and a failed fetch falls back to it (vcl_deliver).
+        if (bereq.is_bgfetch) {
+            return (abandon);
+        }
+        set beresp.uncacheable = true;
+        set beresp.ttl = 0s;
+        return (deliver);
+    }
     if (bereq.uncacheable) {
         return (deliver);
     }
@@ -128,6 +146,11 @@ sub vcl_backend_error {
 }
 
 sub vcl_deliver {
+    if (resp.status >= 500 && req.http.X-Wb-Stale-Refused && !req.http.X-Wb-Stale-Ok) {
+        # stale-if-error: the fetch that replaced a stale copy failed; serve that copy.
+        set req.http.X-Wb-Stale-Ok = "1";
+        return (restart);
+    }
     # RFC 9211: the API's entry first (wbcache; hit|fwd=miss), then this cache's.
     if (req.http.X-Wb-Fwd == "bypass") {
         set resp.http.Cache-Status = resp.http.Cache-Status + ", varnish; fwd=bypass";

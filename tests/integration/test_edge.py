@@ -6,6 +6,8 @@ outage and an API crash (docs/edge.md)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +21,15 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Settings
+from service.core.purge import record_member
+from service.core.shards import Shards
 from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support import servers as test_servers
 from tests.support.procs import ApiProc, WorkerProc, service_env
 from tests.support.varnish import Varnish, varnishd
+from worker.purge import Purger
 
 pytestmark = pytest.mark.skipif(varnishd() is None, reason="varnishd is not installed")
 
@@ -46,13 +52,21 @@ class Edge:
     public: str  # s-maxage 300, 404s not stored
     public_404: str  # 404s kept 300 s at the edge (purged on create)
     short: str  # s-maxage 1: expires quickly, then revalidated
+    fallback: str  # s-maxage 1, stale-if-error 600
     private: str  # max-age 60, private
     workers: list[WorkerProc] = field(default_factory=list)
 
-    def start_worker(self) -> WorkerProc:
+    async def start_worker(self) -> WorkerProc:
+        """A worker, once its heartbeat shows (it purges from then on)."""
         w = WorkerProc(self.env, self.tmp / f"worker-{len(self.workers)}.log")
         self.workers.append(w)
         w.start()
+        live = len(self.workers)
+
+        async def up() -> bool:
+            return bool((await self.stats())["workers"] >= live)
+
+        await wait_until(up, timeout=30)
         return w
 
     def restart_api(self, kill: bool = False) -> None:
@@ -102,7 +116,9 @@ async def stack(
     redis: Any,
 ) -> AsyncIterator[Edge]:
     tag = uuid.uuid4().hex[:8]
-    public, public_404, short, private = (f"{n}{tag}" for n in ("pub", "neg", "short", "priv"))
+    public, public_404, short, fallback, private = (
+        f"{n}{tag}" for n in ("pub", "neg", "short", "sie", "priv")
+    )
     policy = {
         public: {
             "public": True,
@@ -113,6 +129,7 @@ async def stack(
         },
         public_404: {"public": True, "s_maxage": 300, "not_found_s_maxage": 300},
         short: {"public": True, "s_maxage": 1},
+        fallback: {"public": True, "s_maxage": 1, "stale_if_error": 600},
         private: {"max_age": 60},
     }
     api_port = free_port()
@@ -138,7 +155,19 @@ async def stack(
         httpx.AsyncClient(base_url=api_proc.url, timeout=10) as api,
         httpx.AsyncClient(base_url=varnish.url, timeout=10) as edge,
     ):
-        s = Edge(varnish, api_proc, env, tmp_path, api, edge, public, public_404, short, private)
+        s = Edge(
+            varnish,
+            api_proc,
+            env,
+            tmp_path,
+            api,
+            edge,
+            public,
+            public_404,
+            short,
+            fallback,
+            private,
+        )
         # The edge's health probe must see the API before stale-if-error logic applies.
         await wait_until(lambda: _probe(edge), timeout=10)
         try:
@@ -167,7 +196,7 @@ def edge_status(r: httpx.Response) -> str:
 
 
 async def test_shared_reads_are_answered_by_the_edge(stack: Edge) -> None:
-    stack.start_worker()
+    await stack.start_worker()
     path = f"/v1/{stack.public}/k"
     put = await stack.api.put(path, json={"a": 1})
     assert put.status_code == 201
@@ -190,9 +219,10 @@ async def test_shared_reads_are_answered_by_the_edge(stack: Edge) -> None:
 
 @pytest.mark.parametrize("op", ["put", "patch", "delete"])
 async def test_a_write_is_visible_through_the_edge_within_the_bound(stack: Edge, op: str) -> None:
-    stack.start_worker()
+    await stack.start_worker()
     path = f"/v1/{stack.public}/{op}-k%2Fslash"
     await stack.api.put(path, json={"v": 1})
+    await wait_until(lambda: _no_purges_pending(stack), timeout=10)  # the PUT's own purges
     old = await stack.edge.get(path)
     assert old.status_code == 200
     assert edge_status(await stack.edge.get(path)).startswith("varnish; hit")
@@ -218,7 +248,7 @@ async def test_a_write_is_visible_through_the_edge_within_the_bound(stack: Edge,
 async def test_invalidating_a_key_and_a_collection_reaches_the_edge(
     stack: Edge, pg: asyncpg.Connection
 ) -> None:
-    stack.start_worker()
+    await stack.start_worker()
     paths = [f"/v1/{stack.public}/inv{i}" for i in range(3)]
     for p in paths:
         await stack.api.put(p, json={"by": "api"})
@@ -255,7 +285,7 @@ async def _drained(stack: Edge) -> bool:
 
 
 async def test_a_404_does_not_hide_a_create(stack: Edge) -> None:
-    stack.start_worker()
+    await stack.start_worker()
     # By default a 404 is no-store: the edge asks the API every time.
     path = f"/v1/{stack.public}/later"
     first = await stack.edge.get(path)
@@ -306,7 +336,7 @@ async def test_expired_copies_are_revalidated_with_if_none_match(stack: Edge) ->
 
 
 async def test_writes_succeed_while_the_edge_is_down_and_purges_follow(stack: Edge) -> None:
-    stack.start_worker()
+    await stack.start_worker()
     path = f"/v1/{stack.public}/down"
     await stack.api.put(path, json={"v": 1})
     assert (await stack.edge.get(path)).json() == {"v": 1}
@@ -345,6 +375,135 @@ async def test_a_purge_outlives_an_api_crash_after_the_acknowledgement(stack: Ed
     stack.restart_api(kill=True)  # SIGKILL right after the acknowledgement
     assert (await stack.edge.get(path)).json() == {"v": 1}  # still the edge's copy
     started = time.monotonic()
-    stack.start_worker()
+    await stack.start_worker()
     await stack.visible(path, lambda r: r.status_code == 200 and r.json() == {"v": 2})
     assert time.monotonic() - started < 30
+
+
+async def test_batch_writes_are_purged_too(stack: Edge) -> None:
+    await stack.start_worker()
+    paths = [f"/v1/{stack.public}/b{i}" for i in range(3)]
+    for p in paths:
+        await stack.api.put(p, json={"v": 1})
+    await wait_until(lambda: _no_purges_pending(stack), timeout=10)
+    for p in paths:
+        assert (await stack.edge.get(p)).json() == {"v": 1}
+        assert edge_status(await stack.edge.get(p)).startswith("varnish; hit")
+    ops = [
+        {"op": "put", "collection": stack.public, "key": "b0", "document": {"v": 2}},
+        {"op": "patch", "collection": stack.public, "key": "b1", "patch": {"w": 2}},
+        {"op": "delete", "collection": stack.public, "key": "b2"},
+    ]
+    r = await stack.edge.post("/v1/batch", json={"operations": ops})  # passed through
+    assert r.status_code == 200, r.text
+    assert await stack.visible(paths[0], lambda r: r.json() == {"v": 2}) < BOUND_S
+    assert await stack.visible(paths[1], lambda r: r.json() == {"v": 1, "w": 2}) < BOUND_S
+    assert await stack.visible(paths[2], lambda r: r.status_code == 404) < BOUND_S
+
+
+async def test_everything_but_record_reads_passes_through(stack: Edge) -> None:
+    for path in ("/v1/stats", "/metrics", "/readyz", f"/v1/{stack.public}?limit=5"):
+        first = await stack.edge.get(path)
+        second = await stack.edge.get(path)
+        for r in (first, second):
+            assert r.status_code < 500, (path, r.text)
+            assert edge_status(r) == "varnish; fwd=bypass", path
+
+
+async def test_purges_are_accepted_only_from_the_purgers_network(stack: Edge) -> None:
+    path = f"/v1/{stack.public}/acl"
+    await stack.api.put(path, json={"v": 1})
+    await stack.edge.get(path)
+    key = f"r/{stack.public}/acl"
+    # 127.0.0.2 is a loopback address the VCL's ACL does not list.
+    outsider = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(transport=outsider, base_url=stack.varnish.url) as other:
+        refused = await other.request("PURGE", "/", headers={"xkey-purge": key})
+    assert refused.status_code == 403
+    assert edge_status(await stack.edge.get(path)).startswith("varnish; hit")
+    allowed = await stack.edge.request("PURGE", "/", headers={"xkey-purge": key})
+    assert allowed.status_code == 200 and "Purged 1 objects" in allowed.text
+    assert edge_status(await stack.edge.get(path)).startswith("varnish; fwd=miss")
+
+
+async def test_stale_if_error_serves_the_old_copy_while_the_api_is_down(stack: Edge) -> None:
+    path = f"/v1/{stack.fallback}/k"
+    await stack.api.put(path, json={"v": 1})
+    assert (await stack.edge.get(path)).status_code == 200
+    stack.api_proc.stop()
+    # Past its 1 s TTL, before and after the edge's probe notices the API is gone, every
+    # read is answered from the old copy: never a 503.
+    await wait_until(lambda: _expired_and_served(stack, path), timeout=10, interval=0.1)
+
+
+async def _expired_and_served(stack: Edge, path: str) -> bool:
+    r = await stack.edge.get(path)
+    assert r.status_code == 200 and r.json() == {"v": 1}, r.text
+    ttl = edge_status(r).partition("ttl=")[2]
+    return bool(ttl) and float(ttl) < -1  # served more than 1 s past its TTL
+
+
+async def test_a_second_purge_drops_a_copy_fetched_while_the_first_landed(
+    settings_factory: Callable[..., Settings], redis: Any, tmp_path: Path
+) -> None:
+    """The purge race (DESIGN.md): an edge fetch in flight when the purge lands stores the
+    old version after it. A slow origin answers the first fetch (the old version) late;
+    the purge arrives meanwhile; the second purge, EDGE_PURGE_ECHO_MS later, drops it."""
+    answered: list[bytes] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = b'{"ok":true}'
+        if not head.startswith(b"GET /healthz"):
+            old = not answered
+            body = b'{"v":1}' if old else b'{"v":2}'
+            answered.append(body)
+            if old:
+                await asyncio.sleep(0.6)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Cache-Control: public, max-age=0, s-maxage=300\r\n"
+            b"Surrogate-Key: c/pub r/pub/k\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    varnish = Varnish(tmp_path / "varnish", port).start()
+    settings = settings_factory(
+        edge_purge_urls=varnish.url,
+        edge_purge_echo_ms=1000,
+        collection_cache={"pub": {"public": True, "s_maxage": 300}},
+    )
+    purger = Purger(redis, settings)
+    task = asyncio.create_task(purger.run())
+    try:
+        async with httpx.AsyncClient(base_url=varnish.url, timeout=10) as edge:
+            fetch = asyncio.create_task(edge.get("/v1/pub/k"))
+            await wait_until(lambda: answered, timeout=5)  # the fetch is at the origin
+            await purger.queue.add([record_member("pub", "k")])
+            purges = Shards.from_settings(settings).any.purge_queue
+
+            async def first_purge_done() -> bool:
+                return bool(await redis.zscore(purges, record_member("pub", "k")) is None)
+
+            await wait_until(first_purge_done, timeout=5)
+            assert (await fetch).json() == {"v": 1}
+            # The race: the old version was stored after the first purge.
+            stale = await edge.get("/v1/pub/k")
+            assert stale.json() == {"v": 1} and edge_status(stale).startswith("varnish; hit")
+            started = time.monotonic()
+
+            async def fresh() -> bool:
+                return bool((await edge.get("/v1/pub/k")).json() == {"v": 2})
+
+            await wait_until(fresh, timeout=5, interval=0.01)
+            assert time.monotonic() - started < 1.0 + BOUND_S
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        varnish.stop()
+        server.close()
