@@ -24,11 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.core.purge import record_member
 from service.core.shards import Shards
-from service.dev.embedded import free_port
+from service.dev.varnish import Varnish, edge_for_api, varnishd
 from tests.conftest import wait_until
 from tests.support import servers as test_servers
 from tests.support.procs import ApiProc, WorkerProc, service_env
-from tests.support.varnish import Varnish, varnishd
 from worker.purge import Purger
 
 pytestmark = pytest.mark.skipif(varnishd() is None, reason="varnishd is not installed")
@@ -132,8 +131,7 @@ async def stack(
         fallback: {"public": True, "s_maxage": 1, "stale_if_error": 600},
         private: {"max_age": 60},
     }
-    api_port = free_port()
-    varnish = Varnish(tmp_path / "varnish", api_port).start()
+    api_port, varnish = edge_for_api(tmp_path / "varnish")
     env = service_env(
         servers.redis_url,
         servers.database_url,

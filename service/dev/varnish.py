@@ -1,8 +1,10 @@
-"""A throwaway Varnish running deploy/varnish/default.vcl, its backend pointed at a test
-API: the edge the tests and bench/edge.py go through."""
+"""A throwaway Varnish running deploy/varnish/default.vcl (from a checkout), its backend
+pointed at a local API: the edge tests/integration/test_edge.py and bench/edge.py go
+through. Development only, like the rest of service/dev."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,6 +42,22 @@ class Varnish:
         self.port = port or free_port()
         self.popen: subprocess.Popen[bytes] | None = None
         self.log = workdir / "varnishd.log"
+
+    def counters(self) -> dict[str, int]:
+        """varnishstat's counters (``MAIN.cache_hit``...), by name."""
+        out = subprocess.run(
+            ["varnishstat", "-n", str(self.workdir / "state"), "-1", "-j"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        data = json.loads(out)
+        fields = data.get("counters", data)  # varnishstat 7 nests them under "counters"
+        return {
+            name: int(v["value"])
+            for name, v in fields.items()
+            if isinstance(v, dict) and "value" in v
+        }
 
     @property
     def url(self) -> str:
@@ -92,3 +110,10 @@ class Varnish:
                 self.popen.kill()
                 self.popen.wait(5)
         self.popen = None
+
+
+def edge_for_api(workdir: Path) -> tuple[int, Varnish]:
+    """A started Varnish whose backend is a free port, for an API to be started on it
+    (the edge comes first: the API's workers are told the edge's URL)."""
+    api_port = free_port()
+    return api_port, Varnish(workdir, api_port).start()
