@@ -75,7 +75,11 @@ class _Snapshot(Collector):
             ("wbcache_dead_lettered", "Writes moved to the dead letters", "dead_lettered_total"),
             ("wbcache_cache_hits", "Reads answered from Redis", "hits"),
             ("wbcache_cache_misses", "Reads that loaded from Postgres", "misses"),
-            ("wbcache_edge_purges", "Surrogate keys every edge confirmed purged", "edge_purges"),
+            (
+                "wbcache_edge_purges",
+                "First purges every edge confirmed (second purges not counted)",
+                "edge_purges",
+            ),
             (
                 "wbcache_edge_purge_failures",
                 "Purge rounds an edge did not confirm (retried with backoff)",

@@ -99,14 +99,17 @@ class PurgeQueue:
         await self.scripts.purge_settle(
             keys=[claim.keys.purge_queue], args=[claim.lease_ms, "done", echo_ms, *claim.members]
         )
+        # Counted and timed once per write (or invalidation): the second purges are not.
+        firsts = [(m, due) for m, due in claim.items if not m.startswith(ECHO)]
+        if not firsts:
+            return
         counters = self.shards.any.counters
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(counters, "edge_purges", len(claim.items))
-            for m, due in claim.items:
-                if not m.startswith(ECHO):
-                    queued = since.get(m, due) if since else due
-                    latency = max(0.0, (claim.now_ms - queued) / 1000 + elapsed_s)
-                    histograms.observe(pipe, counters, "edge_purge_latency_seconds", latency)
+            pipe.hincrby(counters, "edge_purges", len(firsts))
+            for m, due in firsts:
+                queued = since.get(m, due) if since else due
+                latency = max(0.0, (claim.now_ms - queued) / 1000 + elapsed_s)
+                histograms.observe(pipe, counters, "edge_purge_latency_seconds", latency)
             await pipe.execute()
 
     async def retry(self, claim: Claim, backoff_ms: int) -> None:

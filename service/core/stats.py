@@ -162,7 +162,7 @@ async def collect(
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
         # The edge (docs/edge.md): purges queued (first and second ones, and those being
-        # retried while an edge is down), purged keys, failed purge rounds, and the mean
+        # retried while an edge is down), first purges confirmed, failed purge rounds, and the mean
         # time from a write to its purge's confirmation (the histogram is on /metrics).
         "edge_purges_pending": purges,
         "edge_purges": counters.get("edge_purges", 0),
