@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     # Longest wait for one edge's answer to a purge; and the retry backoff's cap.
     edge_purge_timeout_seconds: float = Field(default=2.0, gt=0)
     edge_purge_backoff_max_seconds: float = Field(default=10.0, gt=0)
+    # A CloudFront distribution the workers invalidate the same way (docs/edge.md; needs
+    # the `cloudfront` extra, boto3). AWS credentials come from boto3's usual chain.
+    cloudfront_distribution_id: str = ""
+    # Another endpoint for the CloudFront API (a local stand-in in tests); empty: AWS's.
+    cloudfront_endpoint_url: str = ""
+    # At most one CreateInvalidation per this many seconds per worker: the queue
+    # coalesces what waits meanwhile (CloudFront bills paths and throttles calls).
+    cloudfront_min_interval_seconds: float = Field(default=5.0, ge=0)
 
     # Flush path (worker)
     write_delay_ms: int = 1000
@@ -212,10 +220,15 @@ class Settings(BaseSettings):
         return _split_urls(self.edge_purge_urls)
 
     @property
+    def purges_edges(self) -> bool:
+        """Edges to purge: Varnish URLs or a CloudFront distribution."""
+        return bool(self.edge_urls or self.cloudfront_distribution_id)
+
+    @property
     def purged_collections(self) -> frozenset[str]:
         """Collections whose writes queue edge purges: the public ones, when there are
         edges to purge."""
-        if not self.edge_urls:
+        if not self.purges_edges:
             return frozenset()
         return frozenset(c for c, p in self.collection_cache.items() if p.public)
 

@@ -1,6 +1,7 @@
 """The purger: each worker drains the edge purge queue (service/core/purge.py) while
-EDGE_PURGE_URLS names edges. Claims are leased, so any number of workers share the queue,
-and a purger that dies mid-purge only delays its claim by the lease.
+EDGE_PURGE_URLS names edges (or CLOUDFRONT_DISTRIBUTION_ID a distribution). Claims are
+leased, so any number of workers share the queue, and a purger that dies mid-purge only
+delays its claim by the lease.
 
 A purge is done when every edge confirmed it; otherwise it is due again after a backoff
 that doubles with each failed round (up to EDGE_PURGE_BACKOFF_MAX_SECONDS), for as long
@@ -11,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
+from service.adapters.cloudfront import CloudFront
 from service.adapters.edge import Edge, EdgeError
 from service.adapters.redis import AnyRedis
 from service.config import Settings
@@ -32,13 +36,35 @@ CLAIM_LIMIT = 500
 SINCE_LIMIT = 100_000
 
 
+class Purges(Protocol):
+    """An edge: a Varnish (service/adapters/edge.py) or CloudFront (cloudfront.py)."""
+
+    url: str
+
+    def ready_in(self) -> float:
+        """Seconds before it takes another purge (a rate limit), 0 if now."""
+        ...
+
+    async def purge(self, keys: Sequence[str]) -> int: ...
+
+
 class Purger:
     def __init__(self, redis: AnyRedis, settings: Settings) -> None:
         self.queue = PurgeQueue(redis, Shards.from_settings(settings), Scripts.register(redis))
-        self.edges = [Edge(url, settings.edge_purge_timeout_seconds) for url in settings.edge_urls]
+        timeout = settings.edge_purge_timeout_seconds
+        self.edges: list[Purges] = [Edge(url, timeout) for url in settings.edge_urls]
+        if settings.cloudfront_distribution_id:
+            self.edges.append(
+                CloudFront(
+                    settings.cloudfront_distribution_id,
+                    settings.cloudfront_endpoint_url,
+                    settings.cloudfront_min_interval_seconds,
+                    timeout,
+                )
+            )
         self.settings = settings
         # A claim outlives a round of requests to every edge, each at most the timeout.
-        self.lease_ms = int(settings.edge_purge_timeout_seconds * 1000 * 2 + 1000)
+        self.lease_ms = int(timeout * 2 * 1000 + 1000)
         self.failed_rounds = 0
         self.since: dict[str, int] = {}
 
@@ -49,6 +75,11 @@ class Purger:
     async def round(self) -> int:
         """Claim what is due and send it; returns how many purges were settled."""
         settled = 0
+        # Claimed only once every edge can take them: what is written while one waits for
+        # its turn (CloudFront's rate limit) joins the same round.
+        wait = max((edge.ready_in() for edge in self.edges), default=0.0)
+        if wait > 0:
+            await asyncio.sleep(wait)
         for claim in await self.queue.claim(self.lease_ms, CLAIM_LIMIT):
             await self._send(claim)
             settled += len(claim.items)

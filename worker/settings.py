@@ -62,7 +62,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):
         await check_redis_durability(redis)
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
-    if settings.edge_urls:  # EDGE_PURGE_URLS: this worker also drains the purge queue
+    if settings.purges_edges:  # this worker also drains the edge purge queue
         ctx["purger"] = asyncio.create_task(Purger(redis, settings).run())
     log.info("worker %s started", ctx["worker_id"])
 

@@ -46,6 +46,9 @@ class Edge:
         self.path = (parts.path.rstrip("/") or "") + "/"
         self.timeout = timeout
 
+    def ready_in(self) -> float:
+        return 0.0  # no rate limit: Varnish takes purges as they come
+
     async def purge(self, keys: Sequence[str]) -> int:
         """Drop every object filed under any of ``keys``; returns the requests made.
         Raises EdgeError when a request is not confirmed."""

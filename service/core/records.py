@@ -663,7 +663,7 @@ class RecordStore:
                     chunk = []
             if chunk:
                 await run(chunk)
-        if self.settings.edge_urls:
+        if self.settings.purges_edges:
             # Any collection: one that was public until a restart may still be at the edge.
             if keys is None:
                 await self.purges.add([collection_member(collection)])

@@ -37,3 +37,14 @@ def of_queued(queued: str) -> str:
     if queued.startswith(COLLECTION):
         return collection_key(queued[len(COLLECTION) :])
     raise ValueError(f"not a purge queue member: {queued!r}")
+
+
+def path(surrogate_key: str) -> str:
+    """The URL path a surrogate key stands for, for an edge that purges by path
+    (CloudFront): ``/v1/<collection>/<key>``, or ``/v1/<collection>/*``."""
+    kind, _, rest = surrogate_key.partition("/")
+    if kind == "r":
+        return f"/v1/{rest}"
+    if kind == "c":
+        return f"/v1/{rest}/*"
+    raise ValueError(f"not a surrogate key: {surrogate_key!r}")
