@@ -1,6 +1,6 @@
 """The Python client (package ``wbcache``) against real ``wbcache serve`` processes: every
-call over a real socket, sync and async, including the retries a 503 asks for and the
-ones it must not make."""
+call over a real socket, sync and async (listing included), with the retries a 503 asks
+for and the ones it must not make."""
 
 from __future__ import annotations
 
@@ -142,6 +142,17 @@ def test_sync_records_etags_and_errors(db: Client, c: str) -> None:
     stats = db.stats()
     assert stats["pending"] >= 1 and "dead_letters" in stats
 
+    # Listing: pending writes included, the pending delete of "any" not.
+    page = db.list(c, limit=1)
+    assert page.keys == ["b1"] and page.next_cursor is None
+    for i in range(5):
+        db.put(c, f"p/{i}", i)
+    page = db.list(c, prefix="p/", limit=2, include_documents=True)
+    assert page.keys == ["p/0", "p/1"] and [i.document for i in page.items] == [0, 1]
+    assert page.next_cursor is not None
+    assert db.list(c, prefix="p/", cursor=page.next_cursor).keys == ["p/2", "p/3", "p/4"]
+    assert [i.key for i in db.scan(c, page_size=2)] == ["b1", "p/0", "p/1", "p/2", "p/3", "p/4"]
+
 
 async def test_async_client_and_write_through(procs: Procs, pg: asyncpg.Connection, c: str) -> None:
     url = serve(procs)
@@ -165,9 +176,13 @@ async def test_async_client_and_write_through(procs: Procs, pg: asyncpg.Connecti
         )
         assert [r.status for r in results] == [200, 404]
         assert results[0].document == {"v": 1, "w": 2}
+        assert [i.document async for i in db.scan(c, include_documents=True)] == [{"v": 1, "w": 2}]
+        page = await db.list(c, prefix="k")
+        assert page.keys == ["k"] and page.items[0].version == patched.version
         await db.delete(c, "k")
         with pytest.raises(NotFound):
             await db.get(c, "k")
+        assert (await db.list(c)).items == []
         assert "pending" in await db.stats()
 
 
