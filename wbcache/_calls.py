@@ -57,16 +57,25 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+def _error_body(response: httpx.Response) -> tuple[str, str]:
+    """The API's error body as (code, message); a body of another shape (a proxy's page)
+    gives no code and the status' reason phrase."""
+    try:
+        error = response.json()["error"]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return "", response.reason_phrase or f"HTTP {response.status_code}"
+
+
+def error_code(response: httpx.Response) -> str:
+    return _error_body(response)[0]
+
+
 def raise_for_error(response: httpx.Response) -> None:
     """Raise the typed exception for a 4xx/5xx answer."""
     if response.status_code < 400:
         return
-    code, message = "", response.reason_phrase or f"HTTP {response.status_code}"
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        pass  # not the API's error body (a proxy's page): status and reason say enough
+    code, message = _error_body(response)
     raise error_for(
         response.status_code,
         code,

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from wbcache._calls import Call, retry_after
+from wbcache._calls import Call, error_code, retry_after
 from wbcache.errors import TransportError
 
 T = TypeVar("T")
@@ -38,6 +38,8 @@ class Retries:
         take the answer as it is."""
         if response.status_code != 503 or not call.idempotent or attempt >= self.attempts:
             return None
+        if error_code(response) == "not_persisted":
+            return None  # accepted and queued: sending it again would only queue it again
         wait = retry_after(response)
         if wait is None:
             return self._backoff(attempt)

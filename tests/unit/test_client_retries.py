@@ -34,6 +34,16 @@ def test_only_idempotent_calls_are_retried_after_a_503() -> None:
     assert retries.after_response(get, answer(503, **{"Retry-After": "60"}), 0) is None
     assert retries.after_response(get, answer(500), 0) is None
     assert retries.after_response(get, answer(503), 1) == 0.4  # no Retry-After: backoff
+    # A write-through the API accepted and queued but Postgres did not commit in time:
+    # sending it again would only queue it again.
+    queued = httpx.Response(
+        503,
+        headers={"Retry-After": "1"},
+        json={"error": {"code": "not_persisted", "message": "queued"}},
+    )
+    assert (
+        retries.after_response(_calls.put("c", "k", {}, None, None, "through"), queued, 0) is None
+    )
 
 
 def test_a_request_never_sent_may_be_sent_again() -> None:
