@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from service.config import Settings
+from service.core.shards import Shards
 from tests.conftest import running_api, running_worker, wait_drained
 
 # Byte order (UTF-8), not the database's collation: 'B' < 'a', 'Z' < 'a', 'é' > 'z'.
@@ -63,15 +64,17 @@ def byte_order(keys: list[str]) -> list[str]:
     return sorted(keys, key=lambda k: k.encode())
 
 
-@pytest.mark.parametrize("shards", [None, 4])
+@pytest.fixture(params=[None, 4], ids=["default-shards", "4-shards"])
+def sharded(request: pytest.FixtureRequest, settings_factory: Callable[..., Settings]) -> Settings:
+    """The topology's own shards, and 4 (a listing merges the shards' pending keys)."""
+    shards: int | None = request.param
+    return settings_factory(**({"redis_shards": shards} if shards else {}))
+
+
 async def test_order_prefix_pages_and_pending_state(
-    settings_factory: Callable[..., Settings],
-    pg: asyncpg.Connection,
-    redis: Any,
-    c: str,
-    shards: int | None,
+    sharded: Settings, pg: asyncpg.Connection, redis: Any, c: str
 ) -> None:
-    settings = settings_factory(**({"redis_shards": shards} if shards else {}))
+    settings = sharded
     persisted = KEYS[::2]
     await insert_rows(pg, c, dict.fromkeys(persisted))
     # No worker: every write below stays pending.
@@ -118,7 +121,27 @@ async def test_order_prefix_pages_and_pending_state(
         async with running_worker(settings):
             await wait_drained(reader)
         assert (await list_all(reader, c, 3))[0] == expected
-        assert await redis.zcard(f"{settings.redis_prefix}pkeys") == 0 or shards
+        # Nothing pending: every shard's index of pending keys is empty again.
+        for shard in Shards.from_settings(settings):
+            assert await redis.zcard(shard.pending_keys) == 0
+
+
+async def test_more_pending_deletes_than_a_page(
+    sharded: Settings, pg: asyncpg.Connection, redis: Any, c: str
+) -> None:
+    """A page's worth of pending deletes hides as many rows: the page reads on past them
+    (Redis' slice of pending keys bounds what Postgres may answer for)."""
+    settings = sharded
+    doomed = [f"a{i:02d}" for i in range(30)]
+    await insert_rows(pg, c, dict.fromkeys([*doomed, "z0", "z1"]))
+    async with running_api(settings) as api:
+        for k in doomed:
+            assert (await api.delete(f"/v1/{c}/{k}")).status_code == 204
+        for k in ("m0", "m1", "m2"):
+            assert (await api.put(f"/v1/{c}/{k}", json=k)).status_code == 201
+        expected = ["m0", "m1", "m2", "z0", "z1"]
+        for limit in (1, 2, 4, 100):
+            assert (await list_all(api, c, limit))[0] == expected, limit
 
 
 async def test_pages_while_writes_and_flushes_go_on(
