@@ -183,6 +183,19 @@ def cleanup() -> Iterator[list[tuple[UpProc, Started]]]:
                 proc.kill()
 
 
+def cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``wbcache <args>`` run in ``cwd``, as a user runs it after ``make up``."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 async def put_and_persist(client: httpx.AsyncClient, base: str, key: str, doc: object) -> int:
     r = await client.put(f"{base}/v1/uptest/{key}", json=doc)
     assert r.status_code == 201, r.text
@@ -234,6 +247,18 @@ async def test_up_embedded_restart_and_orphans(
         version = await put_and_persist(client, up.url, "ada", doc)
         got = await client.get(f"{up.url}/v1/uptest/ada")
         assert got.status_code == 200 and got.json() == doc
+
+        # The operator commands, run as the README writes them (no URL) in the directory
+        # where up runs, talk to up's servers (they used to read the default Redis).
+        status = cli(cwd, up_env, "status", "--json")
+        assert status.returncode == 0, status
+        assert f"started by `wbcache up` (pid {up.pid}" in status.stderr, status.stderr
+        seen = json.loads(status.stdout)
+        assert seen["pending"] == 0 and seen["workers"] == 1 and seen["served"], seen
+        drained = cli(cwd, up_env, "drain")
+        assert drained.returncode == 0 and "drained" in drained.stdout, drained
+        health = cli(cwd, up_env, "healthcheck")
+        assert health.returncode == 0 and "API healthy" in health.stdout, health
 
         # Ctrl-C: everything stops, exit 0, nothing left running.
         up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]
