@@ -25,6 +25,7 @@ from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
 from service.api.state import AppState, HitCounters
 from service.config import Settings, get_settings
+from service.core import stats
 from service.core.deadletters import DeadLetters
 from service.core.errors import REDIS_DOWN
 from service.core.flusher import Flusher
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.redis_config_warnings = await check_redis_durability(
                 state.redis, settings.redis_min_replicas
             )
+            await stats.mark_served(state.redis, state.shards)
         except REDIS_DOWN as exc:
             log.error("Redis is not answering at start (%s); record requests answer 503", exc)
 

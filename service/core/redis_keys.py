@@ -147,6 +147,13 @@ class Keys:
         return f"{self.prefix}workers"
 
     @property
+    def served(self) -> str:
+        """Set (once, the time in ms) by the first API or worker that starts on this Redis:
+        what tells the CLI that it reads a Redis the service uses, not an unrelated one
+        whose empty queue would look healthy."""
+        return f"{self.prefix}served"
+
+    @property
     def counters(self) -> str:
         """HASH of global counters (flushed, failures, retries, hits, misses, ...)."""
         return f"{self.shard_prefix}counters"

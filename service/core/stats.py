@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -92,6 +93,20 @@ async def redis_now_ms(redis: AnyRedis) -> int:
 _PER_SHARD = 8
 
 
+async def mark_served(redis: AnyRedis, shards: Shards) -> None:
+    """Note on Redis that the service uses it (``Keys.served``), at an API's or worker's
+    start."""
+    await redis.set(shards.any.served, int(time.time() * 1000), nx=True)
+
+
+async def served(redis: AnyRedis, shards: Shards) -> bool:
+    """Whether an API or worker of the service ever used this Redis (``collect``'s
+    ``served``)."""
+    if await redis.exists(shards.any.served):
+        return True
+    return bool((await collect(redis, shards))["served"])
+
+
 async def collect(
     redis: AnyRedis, shards: Shards, raw_counters: bool = False, arq: Redis | None = None
 ) -> dict[str, Any]:
@@ -116,18 +131,19 @@ async def collect(
             pipe.zrangebyscore(k.flush_log, now - 60_000, "+inf")
         pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
         pipe.get(keys.last_error)
+        pipe.exists(keys.served)
         if queue_here:
             pipe.zcard(keys.arq_queue)
         results = await pipe.execute()
     queued = results.pop() if queue_here else 0
     if arq is not None:
         queued = await arq.zcard(keys.arq_queue)
-    workers, last_error = results[-2:]
+    workers, last_error, served = results[-3:]
     dirty = inflight = dead = batches = 0
     oldest: list[int] = []
     counters: dict[str, float] = {}
     recent: list[bytes] = []
-    for i in range(0, len(results) - 2, _PER_SHARD):
+    for i in range(0, len(results) - 3, _PER_SHARD):
         d, f, oldest_dirty, oldest_batch, dl, counters_raw, b, r = results[i : i + _PER_SHARD]
         dirty, inflight, dead, batches = dirty + d, inflight + f, dead + dl, batches + b
         oldest += [int(s) for _, s in (oldest_dirty + oldest_batch)]
@@ -154,6 +170,8 @@ async def collect(
         "flush_retries": counters.get("flush_retries", 0),
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
+        # Whether an API or worker of the service ever used this Redis (under this prefix).
+        "served": bool(served or dirty or inflight or dead or workers),
     }
     if raw_counters:
         out["raw_counters"] = counters
