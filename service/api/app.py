@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from service.adapters.postgres import PgPool
 from service.adapters.redis import connect_redis, create_arq_redis, create_mux
 from service.adapters.redis_check import check_redis_durability
-from service.api import batch, dashboard, deadletters, errors, ops, records
+from service.api import batch, dashboard, deadletters, errors, listing, ops, records
 from service.api.auth import ApiKeys, Guard
 from service.api.lane import RecordsLane, WbcacheApp
 from service.api.metrics import Metrics
@@ -171,4 +171,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deadletters.router)
     app.include_router(batch.router)
     app.include_router(dashboard.router)
+    # Last: /v1/{collection} must not shadow the fixed paths above (/v1/stats, ...).
+    app.include_router(listing.router)
     return app

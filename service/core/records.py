@@ -223,7 +223,16 @@ class RecordStore:
     def _shard_write_keys(self, k: Keys) -> list[str]:
         """write.lua's KEYS after the entry: the queue keys of the entry's shard."""
         kf = self.key_filter
-        return [k.dirty, k.inflight, k.wake, k.dead, k.pending_counts, kf.key(k), kf.origin(k)]
+        return [
+            k.dirty,
+            k.inflight,
+            k.wake,
+            k.dead,
+            k.pending_counts,
+            kf.key(k),
+            kf.origin(k),
+            k.pending_keys,
+        ]
 
     def _write_args(self, call: WriteCall, m: str, run_id: str = "") -> list[Any]:
         """write.lua's ARGV for ``call`` (of member ``m``)."""

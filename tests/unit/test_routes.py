@@ -107,7 +107,10 @@ def test_a_route_without_a_declaration_is_refused() -> None:
         ("GET", "/readyz", PUBLIC),
         ("GET", "/docs", PUBLIC),
         ("GET", "/dashboard", PUBLIC),
-        ("GET", "/v1/nothing-here", None),
+        # One segment under /v1 is a collection: its listing (GET /v1/{collection}).
+        ("GET", "/v1/users", READ),
+        ("GET", "/nothing-here", None),
+        ("GET", "/v2/nothing-here", None),
     ],
 )
 def test_declared_requirements(method: str, path: str, needed: Requirement | None) -> None:

@@ -1,7 +1,7 @@
 -- The whole write path in one round trip: preconditions, version, entry, dirty mark,
 -- backpressure and "must a flush be scheduled?".
 -- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts, 7 key filter,
---       8 the key filter's origin
+--       8 the key filter's origin, 9 pending keys (redis_keys.Keys.pending_keys)
 -- ARGV: 1 op (put|del|patch), 2 document, 3 member,
 --       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
 --       6 If-None-Match mode, 7 If-None-Match list,
@@ -110,6 +110,8 @@ if not pending then
   -- Pending counts (redis_keys.Keys.pending_counts): the key becomes pending, +1.
   if redis.call('ZADD', KEYS[2], 'NX', math.floor(now_us / 1000), m) == 1 then
     redis.call('HINCRBY', KEYS[6], string.sub(m, 1, (string.find(m, ':', 1, true) or 0) - 1), 1)
+    -- Listed from now on (GET /v1/{collection}) until release.lua finds it committed.
+    redis.call('ZADD', KEYS[9], 0, m)
   end
 end
 -- Every write marks its key in the filter: a key Postgres may hold from now on. Only a
