@@ -42,6 +42,10 @@ def _settings(redis_url: str | None = None, database_url: str | None = None) -> 
         raise typer.Exit(2) from None
 
 
+# What `healthcheck api` probes when no `wbcache up` runs in the directory (containers).
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
 def _operator_settings(redis_url: str | None) -> Settings:
     """Settings for the operator commands: REDIS_URL from ``--redis-url``, else the
     environment, else the `wbcache up` that runs in this directory (said on stderr)."""
@@ -194,7 +198,7 @@ def healthcheck(
         from service.dev.up_state import running_up
 
         up = running_up()
-        url = up.api if up is not None else "http://127.0.0.1:8000"
+        url = up.api if up is not None else DEFAULT_API_URL
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=3) as resp:
             ok = resp.status == 200
