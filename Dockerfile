@@ -25,6 +25,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
 COPY alembic ./alembic
+# The Python client ships in the same distribution (pyproject.toml lists the package).
+COPY wbcache ./wbcache
 RUN pip install --no-deps . \
     && pip check
 

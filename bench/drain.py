@@ -106,6 +106,8 @@ async def load(flusher: Flusher, docs: list[bytes], tag: int) -> None:
                         shard.dead,
                         shard.pending_counts,
                         shard.key_filter(8),
+                        shard.key_filter_origin(8),
+                        shard.pending_keys,
                     ],
                     args=["put", docs[i], m, 0, "", 0, "", "", 1, tag, 0, 60_000, 0, ""],
                     client=pipe,  # type: ignore[arg-type]

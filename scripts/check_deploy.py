@@ -184,6 +184,15 @@ def as_argv(command: Any) -> list[str] | None:
     return None
 
 
+def _probed(hc: Any) -> str:
+    """The URL ``wbcache healthcheck api`` probes: --url, else (no `wbcache up` in a
+    container's directory) the CLI's default."""
+    from service.cli import DEFAULT_API_URL
+
+    url = hc.params.get("url")
+    return str(url) if url is not None else DEFAULT_API_URL
+
+
 def healthcheck_argv(test: Any) -> list[str] | None:
     """The argv of a Compose healthcheck ``test`` in exec form ["CMD", ...]."""
     argv = as_argv(test)
@@ -406,7 +415,7 @@ def check_dockerfile(root: Path, problems: Problems) -> DockerfileFacts:
         else:
             if hc.subcommand != "healthcheck" or hc.params.get("kind") != "api":
                 problems.add(f"{where} HEALTHCHECK", "expected `wbcache healthcheck api`")
-            elif serve_port is not None and urlsplit(str(hc.params["url"])).port != serve_port:
+            elif serve_port is not None and urlsplit(_probed(hc)).port != serve_port:
                 problems.add(
                     f"{where} HEALTHCHECK",
                     f"probes {hc.params['url']} but the API serves on port {serve_port}",
@@ -592,7 +601,7 @@ def check_compose_doc(
         if hc.subcommand != "healthcheck" or hc.params.get("kind") != kind:
             problems.add(svc_where(name), f"healthcheck must be `wbcache healthcheck {kind}`")
         elif kind == "api" and "api" in parsed and parsed["api"].subcommand == "serve":
-            if urlsplit(str(hc.params["url"])).port != int(parsed["api"].params["port"]):
+            if urlsplit(_probed(hc)).port != int(parsed["api"].params["port"]):
                 problems.add(svc_where("api"), "the healthcheck probes another port than serve's")
 
     for name in APP_SERVICES:

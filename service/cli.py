@@ -16,7 +16,14 @@ from service.config import Settings, get_settings
 
 app = typer.Typer(help="wbcache: a write-behind cache in front of Postgres.", no_args_is_help=True)
 
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Overrides REDIS_URL")]
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        help="Overrides REDIS_URL; without either, the Redis of the `wbcache up` running in "
+        "this directory",
+    ),
+]
 DbOpt = Annotated[str | None, typer.Option("--database-url", help="Overrides DATABASE_URL")]
 
 
@@ -33,6 +40,29 @@ def _settings(redis_url: str | None = None, database_url: str | None = None) -> 
             where = ".".join(str(p) for p in error["loc"]).upper()
             typer.echo(f"wbcache: {where}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
+
+
+# What `healthcheck api` probes when no `wbcache up` runs in the directory (containers).
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+def _operator_settings(redis_url: str | None) -> Settings:
+    """Settings for the operator commands: REDIS_URL from ``--redis-url``, else the
+    environment, else the `wbcache up` that runs in this directory (said on stderr)."""
+    if not redis_url and not os.environ.get("REDIS_URL"):
+        from service.dev.up_state import DATA_DIR, running_up
+        from service.redaction import redact_url
+
+        up = running_up()
+        if up is not None:
+            where = f"{redact_url(up.redis)}, started by `wbcache up` (pid {up.pid}, {DATA_DIR}/)"
+            typer.echo(f"wbcache: Redis {where}", err=True)
+            redis_url = up.redis
+    return _settings(redis_url)
+
+
+class _NotServed(Exception):
+    """The Redis answered, but no API or worker of the service ever used it."""
 
 
 @app.command()
@@ -139,7 +169,13 @@ def up(
 @app.command()
 def healthcheck(
     kind: Annotated[str, typer.Argument(help="api or worker")] = "api",
-    url: Annotated[str, typer.Option(help="API base URL (kind api)")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="API base URL (kind api); default: the `wbcache up` running in this "
+            "directory, else http://127.0.0.1:8000"
+        ),
+    ] = None,
     max_age: Annotated[float, typer.Option(help="Max heartbeat age in s (kind worker)")] = 30.0,
 ) -> None:
     """Exit 0 when healthy: the API answers /healthz, or this machine's worker wrote its
@@ -158,11 +194,16 @@ def healthcheck(
             raise typer.Exit(1)
         typer.echo(f"worker heartbeat {age:.1f} s ago")
         return
+    if url is None:
+        from service.dev.up_state import running_up
+
+        up = running_up()
+        url = up.api if up is not None else DEFAULT_API_URL
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=3) as resp:
             ok = resp.status == 200
     except OSError as exc:
-        typer.echo(f"API not healthy: {exc}", err=True)
+        typer.echo(f"API not healthy at {url}: {exc}", err=True)
         raise typer.Exit(1) from None
     if not ok:
         raise typer.Exit(1)
@@ -196,12 +237,17 @@ async def _with_redis(settings: Settings, fn: Any) -> Any:
     from arq.connections import ArqRedis
 
     from service.adapters.redis import close_redis, connect_redis, create_arq_redis
+    from service.core import stats
     from service.core.shards import Shards
 
     redis = connect_redis("cli", settings)
     arq = None if isinstance(redis, ArqRedis) else create_arq_redis("cli", settings)
     try:
-        return await fn(redis, Shards.from_settings(settings), arq)
+        shards = Shards.from_settings(settings)
+        # An empty queue on a Redis the service never used would read as "all persisted".
+        if not await stats.served(redis, shards):
+            raise _NotServed
+        return await fn(redis, shards, arq)
     finally:
         await close_redis(redis)
         if arq is not None:
@@ -214,11 +260,30 @@ def _collect(settings: Settings) -> dict[str, Any]:
     async def collect(redis: Any, shards: Any, arq: Any) -> dict[str, Any]:
         return await stats.collect(redis, shards, arq=arq)
 
+    result: dict[str, Any] = _run_on_redis(settings, collect)
+    return result
+
+
+def _run_on_redis(settings: Settings, fn: Any) -> Any:
+    """``_with_redis(settings, fn)``; exit 2, saying why, when Redis does not answer or is
+    not one the service uses."""
+    from service.redaction import redact_url
+
+    url = redact_url(settings.redis_url)
     try:
-        result: dict[str, Any] = asyncio.run(_with_redis(settings, collect))
-        return result
+        return asyncio.run(_with_redis(settings, fn))
+    except _NotServed:
+        typer.secho(
+            f"no wbcache API or worker has used the Redis at {url} (prefix "
+            f"{settings.redis_prefix!r}), so its empty queue says nothing. Point the command "
+            "at the service's Redis with --redis-url or REDIS_URL (after `wbcache up`, run "
+            "it in the directory where `up` runs).",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     except Exception as exc:
-        typer.secho(f"cannot read the queue from Redis: {exc}", fg="red", err=True)
+        typer.secho(f"cannot read the queue from Redis at {url}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -233,7 +298,7 @@ def status(
     """Queue depth, lag, dead letters and live workers. Exit 1 when writes are pending
     and no worker is alive."""
 
-    settings = _settings(redis_url)
+    settings = _operator_settings(redis_url)
     while True:
         s = _collect(settings)
         if as_json:
@@ -260,7 +325,7 @@ def drain(
     """Wait until every accepted write is persisted (pending = 0). Exit 0 when drained,
     1 on timeout, 3 when drained but dead letters remain."""
 
-    settings = _settings(redis_url)
+    settings = _operator_settings(redis_url)
     deadline = time.monotonic() + timeout
     start = _collect(settings)["pending"]
     with typer.progressbar(length=max(start, 1), label="draining", show_pos=True) as bar:
@@ -331,7 +396,7 @@ def _dead_letters(settings: Settings, action: str, items: list[str] | None) -> A
             return await dl.retry(_items(items))
         return await dl.drop(_items(items))
 
-    return asyncio.run(_with_redis(settings, run))
+    return _run_on_redis(settings, run)
 
 
 @dlq.command("list")
@@ -340,7 +405,7 @@ def dlq_list(
     redis_url: RedisOpt = None,
 ) -> None:
     """List dead letters with their error."""
-    items = _dead_letters(_settings(redis_url), "list", None)
+    items = _dead_letters(_operator_settings(redis_url), "list", None)
     if as_json:
         typer.echo(json.dumps(items))
         return
@@ -356,7 +421,7 @@ def dlq_list(
 @dlq.command("retry")
 def dlq_retry(items: ItemsArg = None, redis_url: RedisOpt = None) -> None:
     """Put dead letters back in the queue (after fixing the cause)."""
-    done = _dead_letters(_settings(redis_url), "retry", items)
+    done = _dead_letters(_operator_settings(redis_url), "retry", items)
     typer.echo(f"retried {len(done)}")
 
 
@@ -369,7 +434,7 @@ def dlq_drop(
     """Discard dead-lettered writes; reads then show what Postgres holds."""
     if not yes:
         typer.confirm("Discard these writes for good?", abort=True)
-    done = _dead_letters(_settings(redis_url), "drop", items)
+    done = _dead_letters(_operator_settings(redis_url), "drop", items)
     typer.echo(f"dropped {len(done)}")
 
 

@@ -20,6 +20,7 @@ from service.adapters.redis import close_redis, connect_redis
 from service.adapters.redis_check import check_redis_durability
 from service.adapters.redis_url import is_sentinel_url, parse_sentinel_url
 from service.config import Settings, get_settings
+from service.core import stats
 from service.core.errors import classify
 from service.core.flusher import Flusher
 from service.core.scripts import Scripts
@@ -61,6 +62,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["sweep_state"] = SweepState()
     with contextlib.suppress(Exception):
         await check_redis_durability(redis)
+    with contextlib.suppress(Exception):  # Redis down: the next start, or the API, marks it
+        await stats.mark_served(redis, Shards.from_settings(settings))
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
     if settings.purges_edges:  # this worker also drains the edge purge queue
         ctx["purger"] = asyncio.create_task(Purger(redis, settings).run())

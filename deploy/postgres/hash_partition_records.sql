@@ -37,13 +37,18 @@ BEGIN
 
     -- Swap the names: the old table and its indexes become records_plain*, the new ones
     -- take the names the migrations gave (records, records_pkey) and records_p<i>.
+    -- (IF EXISTS: the byte-order index of listing comes with migration 0002.)
     ALTER TABLE records RENAME TO records_plain;
     ALTER INDEX records_pkey RENAME TO records_plain_pkey;
+    ALTER INDEX IF EXISTS records_collection_key_idx RENAME TO records_plain_collection_key_idx;
     ALTER TABLE records_new RENAME TO records;
     ALTER INDEX records_new_pkey RENAME TO records_pkey;
+    ALTER INDEX IF EXISTS records_new_collection_key_idx RENAME TO records_collection_key_idx;
     FOR i IN 0 .. n - 1 LOOP
         EXECUTE format('ALTER TABLE records_new_p%s RENAME TO records_p%s', i, i);
         EXECUTE format('ALTER INDEX records_new_p%s_pkey RENAME TO records_p%s_pkey', i, i);
+        EXECUTE format('ALTER INDEX IF EXISTS records_new_p%s_collection_key_idx '
+                       'RENAME TO records_p%s_collection_key_idx', i, i);
     END LOOP;
 END
 $$;

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from service.adapters.postgres import PgPool
 from service.adapters.redis import connect_redis, create_arq_redis, create_mux
 from service.adapters.redis_check import check_redis_durability
-from service.api import batch, dashboard, deadletters, errors, ops, records
+from service.api import batch, dashboard, deadletters, errors, listing, ops, records
 from service.api.auth import ApiKeys, Guard
 from service.api.cache_headers import CacheHeaders
 from service.api.lane import RecordsLane, WbcacheApp
@@ -26,6 +26,7 @@ from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
 from service.api.state import AppState, HitCounters
 from service.config import Settings, get_settings
+from service.core import stats
 from service.core.deadletters import DeadLetters
 from service.core.errors import REDIS_DOWN
 from service.core.flusher import Flusher
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.redis_config_warnings = await check_redis_durability(
                 state.redis, settings.redis_min_replicas
             )
+            await stats.mark_served(state.redis, state.shards)
         except REDIS_DOWN as exc:
             log.error("Redis is not answering at start (%s); record requests answer 503", exc)
 
@@ -171,4 +173,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deadletters.router)
     app.include_router(batch.router)
     app.include_router(dashboard.router)
+    # Last: /v1/{collection} must not shadow the fixed paths above (/v1/stats, ...).
+    app.include_router(listing.router)
     return app

@@ -15,7 +15,6 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from service.api.auth import WRITE, ScopedRoute, requires
-from service.api.deps import StateDep
 from service.api.errors import (
     DOCUMENT_STATUS,
     ERROR_RESPONSES,
@@ -121,7 +120,8 @@ async def _run(state: AppState, op: dict[str, Any], through: bool) -> dict[str, 
         }
     },
 )
-async def batch(request: Request, state: StateDep) -> Response:
+async def batch(request: Request) -> Response:
+    state: AppState = request.app.state.wb  # no dependency: the records lane serves it
     if not is_json(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "Send the batch as application/json.")
     header = request.headers.get("write-mode")

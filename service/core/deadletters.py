@@ -94,6 +94,7 @@ class DeadLetters:
                     k.dirty,
                     k.inflight,
                     k.pending_counts,
+                    k.pending_keys,
                     *(k.member_entry(m) for m in chunk),
                 ],
                 args=[action, *chunk],

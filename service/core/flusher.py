@@ -281,6 +281,7 @@ class Flusher:
             k.flush_log,
             k.pending_counts,
             k.batch(batch.id),
+            k.pending_keys,
         ]
         # The committed puts, then the committed deletes: release.lua gives each its TTL
         # from that, without reading what the worker already knows.

@@ -104,6 +104,14 @@ class KeyFilter:
             return [""]
         return [self.bits, run_id, *self.positions(m)]
 
+    def complete_arg(self) -> int | str:
+        """The complete bit's index as the scripts take it; "" when there is no filter."""
+        return self.bits or ""
+
+    def positions_args(self, m: str) -> list[int]:
+        """``m``'s bits as the scripts take them (none when there is no filter)."""
+        return self.positions(m) if self.bits else []
+
     def origin(self, keys: Keys) -> str:
         return keys.key_filter_origin(self.bits)
 

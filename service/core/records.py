@@ -230,10 +230,24 @@ class RecordStore:
     def _shard_write_keys(self, k: Keys) -> list[str]:
         """write.lua's KEYS after the entry: the queue keys of the entry's shard."""
         kf = self.key_filter
-        return [k.dirty, k.inflight, k.wake, k.dead, k.pending_counts, kf.key(k), kf.origin(k)]
+        return [
+            k.dirty,
+            k.inflight,
+            k.wake,
+            k.dead,
+            k.pending_counts,
+            kf.key(k),
+            kf.origin(k),
+            k.pending_keys,
+        ]
 
     def _write_args(self, call: WriteCall, m: str, run_id: str = "") -> list[Any]:
         """write.lua's ARGV for ``call`` (of member ``m``)."""
+        own = self._own_args(call, m)
+        return [*own, *self._shared_args(call.force, run_id), *self.key_filter.positions_args(m)]
+
+    def _own_args(self, call: WriteCall, m: str) -> list[Any]:
+        """write.lua's ARGV 1-11: the call's own."""
         pre, stored = call.pre, call.stored
         im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
         inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
@@ -249,9 +263,17 @@ class RecordStore:
             "0" if stored is None else "1",
             "0" if stored is None else str(stored.version),
             "1" if stored is not None and stored.value is not None else "0",
-            self.settings.write_delay_ms + 5000,
-            0 if call.force else self.settings.max_pending,
-            *self.key_filter.script_args(m, run_id),
+        ]
+
+    def _shared_args(self, force: bool, run_id: str) -> list[Any]:
+        """write.lua's ARGV 12-15: the same for every write of a batch (write_many.lua
+        takes them once)."""
+        settings = self.settings
+        return [
+            settings.write_delay_ms + 5000,
+            0 if force else settings.max_pending,
+            self.key_filter.complete_arg(),
+            run_id,
         ]
 
     async def _call_write(self, call: WriteCall) -> list[Any]:
@@ -382,24 +404,27 @@ class RecordStore:
     def _write_many_commands(
         self, calls: Sequence[WriteCall]
     ) -> tuple[list[list[int]], list[tuple[list[str], list[Any]]]]:
-        """The indexes of ``calls`` by shard (a script's keys live in one slot), in order,
-        at most ``_WRITES_PER_CALL`` per group; and each group's write_many.lua keys and
-        arguments: the shard's keys of write.lua, each call's entry, then the number of
-        write.lua arguments per call and each call's arguments one after the other."""
-        by_shard: dict[int, list[tuple[int, str]]] = {}
+        """The indexes of ``calls`` by shard (a script's keys live in one slot) and by
+        ``force``, in order, at most ``_WRITES_PER_CALL`` per group; and each group's
+        write_many.lua keys and arguments: the shard's keys of write.lua, each call's
+        entry; then the number of each call's own arguments, the arguments they share
+        (write.lua's ARGV 12-15, once) and each call's own ones one after the other."""
+        by_group: dict[tuple[int, bool], list[tuple[int, str]]] = {}
         for i, call in enumerate(calls):
             m = member(call.collection, call.key)
-            by_shard.setdefault(self.shards.index(m), []).append((i, m))
+            by_group.setdefault((self.shards.index(m), call.force), []).append((i, m))
         groups: list[list[int]] = []
         commands: list[tuple[list[str], list[Any]]] = []
-        for shard, members in by_shard.items():
+        kf = self.key_filter
+        for (shard, force), members in by_group.items():
             k = self.shards[shard]
+            shared = self._shared_args(force, "")
             for start in range(0, len(members), _WRITES_PER_CALL):
                 part = members[start : start + _WRITES_PER_CALL]
                 entries = [k.member_entry(m) for _, m in part]
-                args: list[Any] = [0]
+                args: list[Any] = [0, *shared]
                 for i, m in part:
-                    one = self._write_args(calls[i], m)
+                    one = self._own_args(calls[i], m) + kf.positions_args(m)
                     if args[0] != len(one):
                         if args[0]:
                             raise AssertionError("write.lua's arguments differ in number")

@@ -87,6 +87,19 @@ class Keys:
         return f"{self.shard_prefix}pendingc"
 
     @property
+    def pending_keys(self) -> str:
+        """ZSET, every score 0: the members whose entry, not Postgres, says what a listing
+        shows (GET /v1/{collection}): each member of ``dirty``, ``inflight`` or ``dead``.
+        Scores all 0 make ZRANGEBYLEX read one collection's members (``collection:``
+        prefix) in byte order, in O(log N + its own).
+
+        Invariant: write.lua adds a member when it adds it to ``dirty`` (one ZADD per key
+        that becomes pending); release.lua removes the members it leaves clean, and
+        deadletters.lua those it drops. A member that lingers (an entry deleted by hand)
+        costs a listing one entry read: the entry, absent, lets Postgres answer."""
+        return f"{self.shard_prefix}pkeys"
+
+    @property
     def leases(self) -> str:
         """ZSET batch id -> lease expiry (ms)."""
         return f"{self.shard_prefix}leases"
@@ -139,6 +152,13 @@ class Keys:
     def workers(self) -> str:
         """ZSET worker id -> last heartbeat (ms)."""
         return f"{self.prefix}workers"
+
+    @property
+    def served(self) -> str:
+        """Set (once, the time in ms) by the first API or worker that starts on this Redis:
+        what tells the CLI that it reads a Redis the service uses, not an unrelated one
+        whose empty queue would look healthy."""
+        return f"{self.prefix}served"
 
     @property
     def counters(self) -> str:

@@ -57,6 +57,13 @@ UNION ALL
 SELECT collection, key FROM tombstones
 """
 
+# A page of one collection's rows in byte order (COLLATE "C": the database's own collation
+# may sort 'B' after 'a'), served by the index records_collection_key_idx (migration 0002) whatever
+# the database's collation: an index range scan that stops after the page. Keyset bounds
+# only (no OFFSET): each condition is in the statement only when the page needs it.
+_PAGE_SELECT = "SELECT key, version{value} FROM records WHERE collection = $1"
+_PAGE_ORDER = ' ORDER BY key COLLATE "C" LIMIT $2'
+
 _GC_TOMBSTONES = """
 DELETE FROM tombstones WHERE deleted_at < now() - make_interval(days => $1::int)
 """
@@ -127,6 +134,42 @@ async def all_keys(pool: asyncpg.Pool, batch: int = 10_000) -> AsyncIterator[lis
         cursor = await conn.cursor(_ALL_KEYS)
         while rows := await cursor.fetch(batch):
             yield [f"{r['collection']}:{r['key']}" for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Keys in byte order: above ``low`` (``low_inclusive``: at or above), below ``below``
+    (exclusive) and at most ``through`` (inclusive); a None bound is no bound."""
+
+    low: str = ""
+    low_inclusive: bool = True
+    below: str | None = None
+    through: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRow:
+    key: str
+    version: int
+    value: str | None  # the jsonb as text, when asked for
+
+
+async def list_rows(
+    pool: asyncpg.Pool, collection: str, keys: KeyRange, limit: int, values: bool
+) -> list[ListedRow]:
+    """The first ``limit`` rows of ``collection`` in ``keys``, in byte order of the key."""
+    sql = _PAGE_SELECT.format(value=", value::text AS value" if values else "")
+    args: list[Any] = [collection, limit]
+    for op, bound in (
+        (">=" if keys.low_inclusive else ">", keys.low),
+        ("<", keys.below),
+        ("<=", keys.through),
+    ):
+        if bound is not None:
+            args.append(bound)
+            sql += f' AND key COLLATE "C" {op} ${len(args)}'
+    rows = await pool.fetch(sql + _PAGE_ORDER, *args)
+    return [ListedRow(r["key"], r["version"], r["value"] if values else None) for r in rows]
 
 
 async def gc_tombstones(pool: asyncpg.Pool, retention_days: int) -> int:

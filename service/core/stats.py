@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -97,6 +98,20 @@ async def redis_now_ms(redis: AnyRedis) -> int:
 _PER_SHARD = 9
 
 
+async def mark_served(redis: AnyRedis, shards: Shards) -> None:
+    """Note on Redis that the service uses it (``Keys.served``), at an API's or worker's
+    start."""
+    await redis.set(shards.any.served, int(time.time() * 1000), nx=True)
+
+
+async def served(redis: AnyRedis, shards: Shards) -> bool:
+    """Whether an API or worker of the service ever used this Redis (``collect``'s
+    ``served``)."""
+    if await redis.exists(shards.any.served):
+        return True
+    return bool((await collect(redis, shards))["served"])
+
+
 async def collect(
     redis: AnyRedis, shards: Shards, raw_counters: bool = False, arq: Redis | None = None
 ) -> dict[str, Any]:
@@ -122,18 +137,19 @@ async def collect(
             pipe.zcard(k.purge_queue)
         pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
         pipe.get(keys.last_error)
+        pipe.exists(keys.served)
         if queue_here:
             pipe.zcard(keys.arq_queue)
         results = await pipe.execute()
     queued = results.pop() if queue_here else 0
     if arq is not None:
         queued = await arq.zcard(keys.arq_queue)
-    workers, last_error = results[-2:]
+    workers, last_error, served = results[-3:]
     dirty = inflight = dead = batches = purges = 0
     oldest: list[int] = []
     counters: dict[str, float] = {}
     recent: list[bytes] = []
-    for i in range(0, len(results) - 2, _PER_SHARD):
+    for i in range(0, len(results) - 3, _PER_SHARD):
         d, f, oldest_dirty, oldest_batch, dl, counters_raw, b, r, pq = results[i : i + _PER_SHARD]
         dirty, inflight, dead, batches = dirty + d, inflight + f, dead + dl, batches + b
         purges += pq
@@ -161,9 +177,11 @@ async def collect(
         "flush_retries": counters.get("flush_retries", 0),
         "dead_lettered_total": counters.get("dead_lettered", 0),
         "last_flush_error": orjson.loads(last_error) if last_error else None,
+        # Whether an API or worker of the service ever used this Redis (under this prefix).
+        "served": bool(served or dirty or inflight or dead or workers),
         # The edge (docs/edge.md): purges queued (first and second ones, and those being
-        # retried while an edge is down), first purges confirmed, failed purge rounds, and the mean
-        # time from a write to its purge's confirmation (the histogram is on /metrics).
+        # retried while an edge is down), first purges confirmed, failed purge rounds, and
+        # the mean time from a write to its purge's confirmation (histogram on /metrics).
         "edge_purges_pending": purges,
         "edge_purges": counters.get("edge_purges", 0),
         "edge_purge_failures": counters.get("edge_purge_failures", 0),

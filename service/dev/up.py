@@ -9,7 +9,9 @@ time, stops the worker, then the embedded servers, and exits 0.
 Layout of the data directory (default ``.wbcache/`` in the working directory)::
 
     up.lock           held (flock) while an ``up`` runs on this directory
-    up.json           pids, start times and argv of this run's API and worker
+    up.json           pids, start times and argv of this run's API and worker, and the
+                      URLs of its API, Redis and Postgres (service.dev.up_state: what
+                      ``status``, ``drain``, ``dlq`` and ``healthcheck`` run here use)
     ports.json        the embedded servers' ports, reused on the next start when free
     api.log           the API's output (also forwarded to stdout as ``[api] ...``)
     worker.log        the worker's output (``[worker] ...``)
@@ -51,6 +53,7 @@ from service.dev import processes
 from service.dev.child import Child, same_process
 from service.dev.embedded import EmbeddedServerError, PostgresServer, RedisServer, free_port
 from service.dev.server import tail
+from service.dev.up_state import STATE_FILE, urls_record
 from service.redaction import redact_url
 
 DATABASE = "wbcache"
@@ -137,7 +140,7 @@ class Up:
         self.host = host
         self.port = port
         self.data_dir = data_dir.expanduser().absolute()
-        self.state_path = self.data_dir / "up.json"
+        self.state_path = self.data_dir / STATE_FILE
         self.ports_path = self.data_dir / "ports.json"
         self.redis: RedisServer | None = None
         self.postgres: PostgresServer | None = None
@@ -270,6 +273,7 @@ class Up:
                 "children": {
                     c.name: c.record() for c in (self.api, self.worker) if c.pid is not None
                 },
+                **urls_record(_http_base(self.host, self.port), self.redis_url, self.database_url),
             },
         )
 

@@ -248,3 +248,23 @@ async def test_a_malformed_redis_url_exits_2_with_what_to_fix(
     assert result.code == 2, result
     assert "REDIS_URL" in result.stderr and "no master name" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", [("status",), ("drain",), ("dlq", "list")])
+async def test_a_redis_the_service_never_used_is_no_healthy_empty_queue(
+    settings_factory: Callable[..., Settings], command: tuple[str, ...]
+) -> None:
+    """The test Redis answers, but no API or worker ever ran under this prefix: its empty
+    queue is not the service's, so the command says so and exits 2 (it used to print
+    "drained" and "no dead letters", exit 0)."""
+    unused = settings_factory(redis_prefix=f"never-{uuid.uuid4().hex[:8]}:")
+    r = await wbcache(unused, *command)
+    assert r.code == 2, r
+    assert "no wbcache API or worker has used the Redis" in r.stderr, r.stderr
+    assert "drained" not in r.stdout and "no dead letters" not in r.stdout, r.stdout
+
+
+async def test_a_redis_that_does_not_answer_exits_2(settings: Settings) -> None:
+    r = await wbcache(settings, "status", "--redis-url", "redis://127.0.0.1:1/0", timeout=30)
+    assert r.code == 2, r
+    assert "cannot read the queue from Redis at redis://127.0.0.1:1/0" in r.stderr, r.stderr

@@ -48,6 +48,13 @@ async def stats(api: httpx.AsyncClient) -> dict[str, Any]:
     return s
 
 
+async def listed(api: httpx.AsyncClient, collection: str) -> dict[str, int]:
+    """GET /v1/{collection}: each listed key's version."""
+    r = await api.get(f"/v1/{collection}")
+    assert r.status_code == 200, r.text
+    return {i["key"]: i["version"] for i in r.json()["items"]}
+
+
 async def settled(api: httpx.AsyncClient, dead: int, timeout: float = 30.0) -> dict[str, Any]:
     """Wait until nothing is pending and exactly ``dead`` writes are dead-lettered."""
 
@@ -238,6 +245,9 @@ async def test_drop_discards_the_write_and_reads_show_postgres(
         await put(api, "dl", "x1", {"poison": 1})
         await put(api, "dl", "x2", {"poison": 2})
         await settled(api, dead=4)
+        # A listing shows what reads show: the dead-lettered writes.
+        listing = await listed(api, "dl")
+        assert sorted(listing) == ["new", "old", "x1", "x2"] and listing["old"] == v_bad
 
         r = await api.post(
             "/v1/dead-letters:drop",
@@ -261,6 +271,8 @@ async def test_drop_discards_the_write_and_reads_show_postgres(
         assert gone.status_code == 404
         assert gone.headers["x-cache"] == "miss"
         assert gone.json()["error"]["code"] == "not_found"
+        listing = await listed(api, "dl")
+        assert sorted(listing) == ["old", "x1", "x2"] and listing["old"] == v_old
 
         # No body: drop them all.
         r = await api.post("/v1/dead-letters:drop")
@@ -269,6 +281,7 @@ async def test_drop_discards_the_write_and_reads_show_postgres(
         assert s["dead_letters"] == 0 and s["pending"] == 0
         for key in ("x1", "x2"):
             assert (await api.get(f"/v1/dl/{key}")).status_code == 404
+        assert await listed(api, "dl") == {"old": v_old}
 
     # The dropped writes never reach Postgres; a later write gets a newer version.
     assert await rows(pg, "dl") == {"old": ({"n": 1}, v_old)}

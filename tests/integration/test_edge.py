@@ -204,6 +204,7 @@ async def test_shared_reads_are_answered_by_the_edge(stack: Edge) -> None:
     )
     assert direct.headers["surrogate-key"] == f"c/{stack.public} r/{stack.public}/k"
     assert direct.headers["cache-status"] == "wbcache; hit"
+    await wait_until(lambda: _no_purges_pending(stack), timeout=10)  # the PUT's own purges
     before = await stack.record_requests(200)
     answers = [await stack.edge.get(path) for _ in range(20)]
     assert all(r.status_code == 200 and r.json() == {"a": 1} for r in answers)

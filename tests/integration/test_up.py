@@ -10,177 +10,32 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
-from service.dev import processes
 from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import TestServers as Servers
-from tests.support.servers import data_dir
+from tests.support.up import (
+    Started,
+    UpProc,
+    cleanup,
+    descendants,
+    gone,
+    read_json,
+    run_in,
+    up_env,
+    workdir,
+)
 
-START_SECONDS = 60.0  # first start runs initdb (fsync on) on a loaded 2-core machine
-STOP_SECONDS = 60.0
-
-
-Identity = dict[str, Any]  # processes.identity(): pid and start time
-Started = dict[str, Identity]
-
-
-def identity(pid: int) -> Identity:
-    return processes.identity(pid)
-
-
-def gone(record: Identity) -> bool:
-    """True if the process of ``record`` no longer runs (a zombie PID 1 has not reaped yet
-    counts as gone, and so does a pid reused by another process)."""
-    return processes.recorded(record) is None
+__all__ = ["cleanup", "up_env", "workdir"]  # fixtures
 
 
-def descendants(pid: int) -> list[int]:
-    return [p.pid for p in processes.tree(pid)[1:]]
-
-
-def read_json(path: Path) -> dict[str, object]:
-    data = json.loads(path.read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-class UpProc:
-    """One ``python -m service.cli up`` process, run from ``cwd`` like a user would."""
-
-    def __init__(self, cwd: Path, data_dir: Path, port: int, env: dict[str, str]) -> None:
-        self.cwd, self.data_dir, self.port, self.env = cwd, data_dir, port, env
-        self.log = cwd / f"up-{uuid.uuid4().hex[:6]}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def start(self) -> UpProc:
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "service.cli",
-                    "up",
-                    "--port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.data_dir),
-                ],
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def returncode(self) -> int | None:
-        assert self.popen is not None
-        return self.popen.poll()
-
-    async def wait_ready(self, client: httpx.AsyncClient) -> None:
-        """Until up printed its banner (it does once its API is ready), then /readyz 200.
-        (Polling /readyz alone could reach the API a killed run left on the same port.)"""
-
-        def banner() -> bool:
-            if self.returncode() is not None:
-                raise AssertionError(f"up exited with {self.returncode()}")
-            return "wbcache is up" in self.output()
-
-        try:
-            await wait_until(banner, START_SECONDS, interval=0.1)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- up output:\n{self.output()[-6000:]}") from None
-        r = await client.get(f"{self.url}/readyz")
-        assert r.status_code == 200, r.text
-
-    async def wait_exit(self, timeout: float = STOP_SECONDS) -> int:
-        try:
-            await wait_until(lambda: self.returncode() is not None, timeout, interval=0.05)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- up output:\n{self.output()[-4000:]}") from None
-        code = self.returncode()
-        assert code is not None
-        return code
-
-    def started(self) -> Started:
-        """Every process this ``up`` started (from its pid file and the servers' pid files),
-        Postgres' own children included: name -> pid and start time."""
-        found: Started = {}
-        state = read_json(self.data_dir / "up.json")
-        assert state["pid"] == self.pid
-        children = state["children"]
-        assert isinstance(children, dict) and set(children) == {"api", "worker"}
-        for name, record in children.items():
-            found[name] = {"pid": record["pid"], "create_time": record["create_time"]}
-        for kind in ("redis", "postgres"):
-            pid_file = self.data_dir / kind / f"wbcache-{kind}.pid"
-            if pid_file.exists():
-                record = read_json(pid_file)
-                pid = record["pid"]
-                assert isinstance(pid, int)
-                found[kind] = {"pid": pid, "create_time": record["create_time"]}
-                for i, child in enumerate(descendants(pid)):
-                    found[f"{kind}-child-{i}"] = identity(child)
-        for name, rec in found.items():
-            assert not gone(rec), f"{name} pid {rec['pid']} is not running"
-        return found
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A working directory outside pytest's tmp_path: every pytest session that starts
-    chmods /tmp/pytest-of-<user> back to 0700, which would cut off the embedded Postgres
-    (it runs as the ``postgres`` OS user when we are root) if other sessions run at once."""
-    with data_dir("wbcache-up-test-") as path:
-        yield path
-
-
-@pytest.fixture
-def up_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("REDIS_URL", None)
-    env.pop("DATABASE_URL", None)
-    return env
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[tuple[UpProc, Started]]]:
-    """Whatever a failed test left running: the up processes and every pid they started."""
-    runs: list[tuple[UpProc, Started]] = []
-    yield runs
-    for up, pids in runs:
-        if up.popen is not None and up.popen.poll() is None:
-            up.popen.send_signal(signal.SIGINT)
-            try:
-                up.popen.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                up.popen.kill()
-                up.popen.wait(10)
-        for rec in pids.values():
-            proc = processes.recorded(rec)
-            if proc is not None:
-                proc.kill()
+def cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``wbcache <args>`` run in ``cwd``, as a user runs it after ``make up``."""
+    return run_in(cwd, env, [sys.executable, "-m", "service.cli", *args])
 
 
 async def put_and_persist(client: httpx.AsyncClient, base: str, key: str, doc: object) -> int:
@@ -234,6 +89,18 @@ async def test_up_embedded_restart_and_orphans(
         version = await put_and_persist(client, up.url, "ada", doc)
         got = await client.get(f"{up.url}/v1/uptest/ada")
         assert got.status_code == 200 and got.json() == doc
+
+        # The operator commands, run as the README writes them (no URL) in the directory
+        # where up runs, talk to up's servers (they used to read the default Redis).
+        status = cli(cwd, up_env, "status", "--json")
+        assert status.returncode == 0, status
+        assert f"started by `wbcache up` (pid {up.pid}" in status.stderr, status.stderr
+        seen = json.loads(status.stdout)
+        assert seen["pending"] == 0 and seen["workers"] == 1 and seen["served"], seen
+        drained = cli(cwd, up_env, "drain")
+        assert drained.returncode == 0 and "drained" in drained.stdout, drained
+        health = cli(cwd, up_env, "healthcheck")
+        assert health.returncode == 0 and "API healthy" in health.stdout, health
 
         # Ctrl-C: everything stops, exit 0, nothing left running.
         up.popen.send_signal(signal.SIGINT)  # type: ignore[union-attr]

@@ -40,6 +40,8 @@ def test_migrate_runs_from_the_wheel(servers: test_servers.TestServers, tmp_path
     assert "wbcache_migrations/env.py" in names
     assert any(n.startswith("wbcache_migrations/versions/") for n in names)
     assert "service/core/lua/write.lua" in names
+    # The Python client, typed: `from wbcache import Client` works from the wheel.
+    assert {"wbcache/__init__.py", "wbcache/client.py", "wbcache/py.typed"} <= set(names)
 
     # Named after the session's test database, so parallel runs don't collide.
     name = urlsplit(servers.database_url).path.lstrip("/")

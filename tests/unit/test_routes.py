@@ -25,7 +25,7 @@ from service.api.auth import (
     ScopedRoute,
     requires,
 )
-from service.api.lane import LANE, is_record_request
+from service.api.lane import BATCH_PATH, LANE, lane_route
 from service.config import Settings
 
 APP = create_app(Settings())
@@ -50,8 +50,14 @@ def _scope(method: str, path: str, root_path: str = "") -> dict[str, Any]:
 def requirement(method: str, path: str, root_path: str = "") -> Requirement | None:
     """What a request needs, found the way the app finds it: the lane, else the routes."""
     scope = _scope(method, path, root_path)
-    if is_record_request(scope):
-        return LANE[method][1]
+    lane = lane_route(scope)
+    if lane is not None:
+        return lane[1]
+    return declared(scope)
+
+
+def declared(scope: dict[str, Any]) -> Requirement | None:
+    """What FastAPI's routes declare for a request."""
     for route in _routes():
         if route.matches(scope)[0] is Match.FULL:
             return route.requirement if isinstance(route, ScopedRoute) else PUBLIC
@@ -101,7 +107,10 @@ def test_a_route_without_a_declaration_is_refused() -> None:
         ("GET", "/readyz", PUBLIC),
         ("GET", "/docs", PUBLIC),
         ("GET", "/dashboard", PUBLIC),
-        ("GET", "/v1/nothing-here", None),
+        # One segment under /v1 is a collection: its listing (GET /v1/{collection}).
+        ("GET", "/v1/users", READ),
+        ("GET", "/nothing-here", None),
+        ("GET", "/v2/nothing-here", None),
     ],
 )
 def test_declared_requirements(method: str, path: str, needed: Requirement | None) -> None:
@@ -110,22 +119,28 @@ def test_declared_requirements(method: str, path: str, needed: Requirement | Non
     assert requirement(method, "/api" + path, root_path="/api") == needed
 
 
-def test_the_lane_serves_exactly_the_record_operations_of_the_schema() -> None:
+def test_the_lane_serves_exactly_the_record_operations_and_the_batch_of_the_schema() -> None:
     schema = APP.openapi()
+    lane_paths = ("/v1/{collection}/{key}", BATCH_PATH)
     documented = {
         (method.upper(), path)
         for path, operations in schema["paths"].items()
         for method in operations
-        if path == "/v1/{collection}/{key}"
+        if path in lane_paths
     }
-    served = {(method, "/v1/{collection}/{key}") for method in LANE}
+    served = {(method, "/v1/{collection}/{key}") for method in LANE} | {("POST", BATCH_PATH)}
     assert served == documented
+    # The lane asks of each request what FastAPI's route declares.
+    for method, path in served:
+        scope = _scope(method, path.replace("{collection}", "c").replace("{key}", "k"))
+        lane = lane_route(scope)
+        assert lane is not None and lane[1] == declared(scope), (method, path)
     # And every other operation of the schema is one the lane leaves to FastAPI.
     for path, operations in schema["paths"].items():
-        if path != "/v1/{collection}/{key}":
+        if path not in lane_paths:
             concrete = path.replace("{collection}", "c").replace("{key}", "k")
             for method in operations:
-                assert not is_record_request(_scope(method.upper(), concrete)), (method, path)
+                assert lane_route(_scope(method.upper(), concrete)) is None, (method, path)
 
 
 async def test_the_declaration_enforces_on_a_plain_route_too() -> None:

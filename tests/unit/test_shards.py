@@ -28,6 +28,7 @@ def test_every_key_a_script_touches_is_in_its_shards_slot() -> None:
         k.dirty,
         k.inflight,
         k.pending_counts,
+        k.pending_keys,
         k.leases,
         k.batch_age,
         k.batch("b1"),

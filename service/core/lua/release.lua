@@ -4,7 +4,8 @@
 -- only where the version is unchanged, give clean entries their TTL, dead-letter poison
 -- writes, and hand back whatever is still held.
 -- KEYS: 1 dirty, 2 inflight, 3 leases, 4 batch age, 5 dead letters, 6 counters, 7 flush log,
---       8 pending counts, 9 the batch's key, then the entries of the committed members
+--       8 pending counts, 9 the batch's key, 10 pending keys (Keys.pending_keys), then the
+--       entries of the committed members
 --       (the puts first), then those of the dead-lettered ones, in ARGV's order
 -- ARGV: 1 batch id, 2 clean TTL ms, 3 tombstone TTL ms,
 --       4 number of committed puts u, 5 number of committed deletes d,
@@ -65,7 +66,7 @@ end
 -- Who holds each committed key, in one call (the loop below does not change inflight).
 local committed_members = {}
 for j = 1, n do
-  committed_members[j] = string.sub(KEYS[9 + j], skip)
+  committed_members[j] = string.sub(KEYS[10 + j], skip)
 end
 local owners = {}
 if n > 0 then
@@ -75,9 +76,11 @@ end
 local committed = 0
 local handled = {}
 local released, nr = {}, 0
+-- Members no longer pending nor dead-lettered: out of the pending keys (listing).
+local unlisted, nu = {}, 0
 for j = 1, n do
   local m, v = committed_members[j], ARGV[6 + j]
-  local e = KEYS[9 + j]
+  local e = KEYS[10 + j]
   handled[m] = true
   committed = committed + 1
   local mine = owners[j] == batch
@@ -102,6 +105,8 @@ for j = 1, n do
       else
         redis.call('PEXPIREAT', e, clean_at)
       end
+      nu = nu + 1
+      unlisted[nu] = m
     else
       redis.call('HSET', e, 'p', v)
     end
@@ -118,7 +123,7 @@ for j = 1, n do
 end
 
 local dead_count = 0
-local entry = 9 + n
+local entry = 10 + n
 for i = 7 + n, #ARGV - 1, 2 do
   local v, info = ARGV[i], ARGV[i + 1]
   entry = entry + 1
@@ -137,6 +142,9 @@ for i = 7 + n, #ARGV - 1, 2 do
       dead_count = dead_count + 1
     elseif cur then
       count(m, redis.call('ZADD', dirty, 'NX', dirty_time(m), m))
+    else
+      nu = nu + 1
+      unlisted[nu] = m
     end
   end
 end
@@ -152,6 +160,9 @@ for j = 1, #rest do
 end
 if nr > 0 then
   redis.call('HDEL', inflight, unpack(released))
+end
+if nu > 0 then
+  redis.call('ZREM', KEYS[10], unpack(unlisted))
 end
 for c, d in pairs(delta) do
   if d ~= 0 and redis.call('HINCRBY', KEYS[8], c, d) <= 0 then
