@@ -87,6 +87,7 @@ GAUGES = {
     "wbcache_batches_in_flight",
     "wbcache_dead_letters",
     "wbcache_workers_live",
+    "wbcache_edge_purges_pending",
 }
 COUNTERS = {
     "wbcache_flushed_writes_total",
@@ -95,11 +96,14 @@ COUNTERS = {
     "wbcache_dead_lettered_total",
     "wbcache_cache_hits_total",
     "wbcache_cache_misses_total",
+    "wbcache_edge_purges_total",
+    "wbcache_edge_purge_failures_total",
 }
 HISTOGRAMS = {
     "wbcache_flush_batch_size",
     "wbcache_flush_duration_seconds",
     "wbcache_http_request_duration_seconds",
+    "wbcache_edge_purge_latency_seconds",
 }
 HISTOGRAM_LABELS = {"wbcache_http_request_duration_seconds": {"method", "route", "status"}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.adapters.redis_url import (
@@ -22,6 +22,22 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
 DEFAULT_CLUSTER_SHARDS = 16
 
 WriteMode = Literal["behind", "through"]
+
+
+class CachePolicy(BaseModel):
+    """One collection's HTTP cache policy (COLLECTION_CACHE). ``public`` lets shared caches
+    (a CDN, Varnish) store its records; ``s_maxage`` is their lifetime there, ``max_age``
+    the browsers'. ``not_found_s_maxage``: how long a shared cache may keep a 404 of a
+    public collection (0, the default: ``no-store``, so no create is ever hidden by one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public: bool = False
+    max_age: int = Field(default=0, ge=0)
+    s_maxage: int | None = Field(default=None, ge=0)
+    stale_while_revalidate: int | None = Field(default=None, ge=0)
+    stale_if_error: int | None = Field(default=None, ge=0)
+    not_found_s_maxage: int = Field(default=0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -62,8 +78,31 @@ class Settings(BaseSettings):
     negative_ttl_seconds: int = 60
     tombstone_ttl_seconds: int = 600
     cache_control_default: str = "private, no-cache"
-    # Per-collection max-age, as JSON in the environment: {"products": 60}
+    # Per-collection HTTP cache policy, as JSON in the environment (docs/edge.md):
+    # {"products": {"public": true, "max_age": 60, "s_maxage": 300,
+    #               "stale_while_revalidate": 30, "stale_if_error": 600}}
+    collection_cache: dict[str, CachePolicy] = Field(default_factory=dict)
+    # The older form, still read: {"products": 60} means {"products": {"max_age": 60}}
+    # (private). A collection may not be named in both.
     collection_max_age: dict[str, int] = Field(default_factory=dict)
+
+    # The edge (docs/edge.md): base URLs of the Varnish (xkey) edges to purge after writes
+    # to public collections and invalidations, comma-separated; empty = none.
+    edge_purge_urls: str = ""
+    # A second purge of the same keys this long after the first: an edge fetch already in
+    # flight when the first purge landed may have stored the old version again.
+    edge_purge_echo_ms: int = Field(default=1000, ge=0)
+    # Longest wait for one edge's answer to a purge; and the retry backoff's cap.
+    edge_purge_timeout_seconds: float = Field(default=2.0, gt=0)
+    edge_purge_backoff_max_seconds: float = Field(default=10.0, gt=0)
+    # A CloudFront distribution the workers invalidate the same way (docs/edge.md; needs
+    # the `cloudfront` extra, boto3). AWS credentials come from boto3's usual chain.
+    cloudfront_distribution_id: str = ""
+    # Another endpoint for the CloudFront API (a local stand-in in tests); empty: AWS's.
+    cloudfront_endpoint_url: str = ""
+    # At most one CreateInvalidation per this many seconds per worker: the queue
+    # coalesces what waits meanwhile (CloudFront bills paths and throttles calls).
+    cloudfront_min_interval_seconds: float = Field(default=5.0, ge=0)
 
     # Flush path (worker)
     write_delay_ms: int = 1000
@@ -148,6 +187,51 @@ class Settings(BaseSettings):
             parse_sentinel_url(url)
         return url
 
+    @field_validator("edge_purge_urls")
+    @classmethod
+    def _http_edges(cls, urls: str) -> str:
+        for url in _split_urls(urls):
+            if not url.startswith("http://"):
+                raise ValueError(
+                    f"EDGE_PURGE_URLS: {url!r} must be an http:// base URL of a Varnish edge "
+                    "(the purge goes over plain HTTP, from the networks its VCL allows)"
+                )
+        return urls
+
+    @model_validator(mode="after")
+    def _one_cache_policy_per_collection(self) -> Settings:
+        both = sorted(set(self.collection_cache) & set(self.collection_max_age))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} named in both COLLECTION_MAX_AGE and COLLECTION_CACHE: "
+                'move it to COLLECTION_CACHE alone, e.g. {"%s": {"max_age": %d}}'
+                % (both[0], self.collection_max_age[both[0]])
+            )
+        return self
+
+    @property
+    def cache_policies(self) -> dict[str, CachePolicy]:
+        """COLLECTION_CACHE with COLLECTION_MAX_AGE's entries as private policies."""
+        older = {c: CachePolicy(max_age=s) for c, s in self.collection_max_age.items()}
+        return {**older, **self.collection_cache}
+
+    @property
+    def edge_urls(self) -> list[str]:
+        return _split_urls(self.edge_purge_urls)
+
+    @property
+    def purges_edges(self) -> bool:
+        """Edges to purge: Varnish URLs or a CloudFront distribution."""
+        return bool(self.edge_urls or self.cloudfront_distribution_id)
+
+    @property
+    def purged_collections(self) -> frozenset[str]:
+        """Collections whose writes queue edge purges: the public ones, when there are
+        edges to purge."""
+        if not self.purges_edges:
+            return frozenset()
+        return frozenset(c for c, p in self.collection_cache.items() if p.public)
+
     @model_validator(mode="after")
     def _prefix_fits_hash_tags(self) -> Settings:
         if self.sharded and ("{" in self.redis_prefix or "}" in self.redis_prefix):
@@ -172,6 +256,10 @@ class Settings(BaseSettings):
     def sharded(self) -> bool:
         """Keys carry a shard hash tag: always on a Cluster, and with more than one shard."""
         return self.cluster or self.shards > 1
+
+
+def _split_urls(urls: str) -> list[str]:
+    return [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
 
 
 @lru_cache

@@ -26,6 +26,7 @@ from service.core.flusher import Flusher
 from service.core.scripts import Scripts
 from service.core.shards import Shards
 from worker.flush import SweepState, drain, flush, sweep
+from worker.purge import Purger
 
 log = logging.getLogger("wbcache.worker")
 
@@ -64,6 +65,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     with contextlib.suppress(Exception):  # Redis down: the next start, or the API, marks it
         await stats.mark_served(redis, Shards.from_settings(settings))
     ctx["heartbeat"] = asyncio.create_task(_heartbeat(ctx))
+    if settings.purges_edges:  # this worker also drains the edge purge queue
+        ctx["purger"] = asyncio.create_task(Purger(redis, settings).run())
     log.info("worker %s started", ctx["worker_id"])
 
 
@@ -73,7 +76,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     # before the pools close.
     sweep_state: SweepState | None = ctx.get("sweep_state")
     build = sweep_state.key_filter_build if sweep_state is not None else None
-    tasks: list[asyncio.Task[Any]] = [t for t in (ctx.get("heartbeat"), build) if t is not None]
+    tasks: list[asyncio.Task[Any]] = [
+        t for t in (ctx.get("heartbeat"), ctx.get("purger"), build) if t is not None
+    ]
     for task in tasks:
         task.cancel()
     if tasks:

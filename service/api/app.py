@@ -20,6 +20,7 @@ from service.adapters.redis import connect_redis, create_arq_redis, create_mux
 from service.adapters.redis_check import check_redis_durability
 from service.api import batch, dashboard, deadletters, errors, listing, ops, records
 from service.api.auth import ApiKeys, Guard
+from service.api.cache_headers import CacheHeaders
 from service.api.lane import RecordsLane, WbcacheApp
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
@@ -77,6 +78,7 @@ def build_state(
         counters=counters,
         metrics=metrics or Metrics(),
         dead_letters=DeadLetters(redis, shards, scripts, arq),
+        cache_headers=CacheHeaders(settings),
         mux=mux,
     )
 

@@ -78,7 +78,10 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+    """An error answer; ``no-store`` unless ``headers`` say otherwise (a record's 404 of a
+    collection whose policy lets edges keep it briefly): no cache may keep an error."""
+    merged = {"Cache-Control": "no-store", **(headers or {})}
+    return json_response({"error": {"code": code, "message": message}}, status, merged)
 
 
 def json_response(

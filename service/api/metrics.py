@@ -45,6 +45,11 @@ class _Snapshot(Collector):
                 "dead_letters",
             ),
             ("wbcache_workers_live", "Workers with a recent heartbeat", "workers"),
+            (
+                "wbcache_edge_purges_pending",
+                "Edge purges queued, being sent or retried",
+                "edge_purges_pending",
+            ),
         ]
         for name, doc, field in gauges:
             yield GaugeMetricFamily(name, doc, value=s[field])
@@ -70,12 +75,27 @@ class _Snapshot(Collector):
             ("wbcache_dead_lettered", "Writes moved to the dead letters", "dead_lettered_total"),
             ("wbcache_cache_hits", "Reads answered from Redis", "hits"),
             ("wbcache_cache_misses", "Reads that loaded from Postgres", "misses"),
+            (
+                "wbcache_edge_purges",
+                "First purges every edge confirmed (second purges not counted)",
+                "edge_purges",
+            ),
+            (
+                "wbcache_edge_purge_failures",
+                "Purge rounds an edge did not confirm (retried with backoff)",
+                "edge_purge_failures",
+            ),
         ]
         for name, doc, field in counters:
             yield CounterMetricFamily(name, doc, value=s[field])
         raw = s.get("raw_counters", {})
         yield _histogram("flush_batch_size", "Keys per committed flush batch", raw)
         yield _histogram("flush_duration_seconds", "Time to persist one batch", raw)
+        yield _histogram(
+            "edge_purge_latency_seconds",
+            "From a write (or invalidation) to every edge's confirmation of its purge",
+            raw,
+        )
 
 
 class Metrics:

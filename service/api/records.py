@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
 from service.api.auth import READ, WRITE, Requirement, ScopedRoute, requires
+from service.api.cache_headers import CACHE_STATUS_HIT, CACHE_STATUS_MISS
 from service.api.errors import ERROR_RESPONSES, ApiError, error_response, json_response
 from service.api.http import (
     COLLECTION_RE,
@@ -27,7 +28,7 @@ from service.api.http import (
 )
 from service.api.state import AppState
 from service.config import WriteMode
-from service.core import documents
+from service.core import documents, surrogate
 from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
 from service.core.write_through import Outcome
@@ -78,13 +79,6 @@ def _preconditions(request: Request) -> Preconditions:
         if_match=parse_match(request.headers.get("if-match"), "If-Match"),
         if_none_match=parse_match(request.headers.get("if-none-match"), "If-None-Match"),
     )
-
-
-def _cache_control(state: AppState, collection: str) -> str:
-    max_age = state.settings.collection_max_age.get(collection)
-    if max_age is None:
-        return state.settings.cache_control_default
-    return f"private, max-age={max_age}"
 
 
 def write_mode(state: AppState, header: str | None, collection: str) -> WriteMode:
@@ -197,7 +191,7 @@ async def patch_record(request: Request) -> Response:
     return Response(
         merged,
         200,
-        {"ETag": etag(result.version), "Cache-Control": _cache_control(state, collection)},
+        {"ETag": etag(result.version), "Cache-Control": state.cache_headers.found(collection)},
         media_type="application/json",
     )
 
@@ -207,14 +201,20 @@ async def get_record(request: Request) -> Response:
     collection, key = record_name(request)
     inm = parse_match(request.headers.get("if-none-match"), "If-None-Match")
     record = await state.store.read(collection, key)
-    x_cache = "hit" if record.hit else "miss"
+    # X-Cache is kept for existing clients; Cache-Status (RFC 9211) is the form a proxy in
+    # front extends with its own entry, so the two caches cannot be confused.
+    headers = (
+        {"X-Cache": "hit", "Cache-Status": CACHE_STATUS_HIT}
+        if record.hit
+        else {"X-Cache": "miss", "Cache-Status": CACHE_STATUS_MISS}
+    )
+    # Named on 404s too: a create purges the 404 an edge may hold.
+    headers["Surrogate-Key"] = surrogate.header(collection, key)
     if record.document is None:
-        return error_response(404, "not_found", "No such record.", {"X-Cache": x_cache})
-    headers = {
-        "ETag": etag(record.version),
-        "Cache-Control": _cache_control(state, collection),
-        "X-Cache": x_cache,
-    }
+        headers["Cache-Control"] = state.cache_headers.not_found(collection)
+        return error_response(404, "not_found", "No such record.", headers)
+    headers["ETag"] = etag(record.version)
+    headers["Cache-Control"] = state.cache_headers.found(collection)
     if record.dead_lettered:
         headers["X-Dead-Letter"] = "true"
     if none_match_hits(inm, record.version):

@@ -9,6 +9,7 @@ from arq.connections import ArqRedis
 from service.adapters.postgres import PgPool
 from service.adapters.redis import AnyRedis, close_redis
 from service.adapters.redis_mux import RedisMux
+from service.api.cache_headers import CacheHeaders
 from service.api.metrics import Metrics
 from service.config import Settings
 from service.core.deadletters import DeadLetters
@@ -51,6 +52,7 @@ class AppState:
     counters: HitCounters
     metrics: Metrics
     dead_letters: DeadLetters
+    cache_headers: CacheHeaders
     # The records hot path's shared connection (None: the pool for everything).
     mux: RedisMux | None = None
     postgres_status: str = "unknown"

@@ -11,6 +11,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 HISTOGRAMS = {
     "flush_batch_size": BATCH_SIZE_BUCKETS,
     "flush_duration_seconds": DURATION_BUCKETS,
+    # From the write (or invalidation) to the edges' acknowledgement of its purge.
+    "edge_purge_latency_seconds": DURATION_BUCKETS,
 }
 
 

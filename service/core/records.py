@@ -24,6 +24,7 @@ from service.config import Settings
 from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
 from service.core.key_filter import KeyFilter
+from service.core.purge import PurgeQueue, collection_member, record_member
 from service.core.redis_keys import Keys, member
 from service.core.scripts import Scripts
 from service.core.shards import Shards
@@ -176,6 +177,10 @@ class RecordStore:
         # REDIS_MIN_REPLICAS: each write is followed by a WAIT in its round trip. At 0 the
         # write path is one EVALSHA, exactly as without the feature.
         self._replicas = settings.redis_min_replicas
+        # Public collections' writes queue edge purges (none unless EDGE_PURGE_URLS is set:
+        # then the write path is exactly as without edges).
+        self._purged = settings.purged_collections
+        self.purges = PurgeQueue(redis, self.shards, scripts)
 
     # -- Postgres -------------------------------------------------------------------------
 
@@ -218,6 +223,8 @@ class RecordStore:
         m = member(call.collection, call.key)
         k = self.shards.for_member(m)
         keys = [k.member_entry(m), *self._shard_write_keys(k)]
+        if self._purged and call.collection in self._purged:
+            keys.append(k.purge_queue)  # write.lua queues the edge purge with the write
         return keys, self._write_args(call, m, run_id)
 
     def _shard_write_keys(self, k: Keys) -> list[str]:
@@ -368,6 +375,8 @@ class RecordStore:
                 await self.redis.script_load(self.scripts.write_many.script)
         if wake:
             await self._wake()
+        if self._purged:
+            await self._queue_purges(calls, outcomes)
         if single:
             done = await asyncio.gather(
                 *(self.write(calls[i]) for i in single), return_exceptions=True
@@ -375,6 +384,22 @@ class RecordStore:
             for i, outcome in zip(single, done, strict=True):
                 outcomes[i] = _own(outcome)
         return [o for o in outcomes if o is not None]
+
+    async def _queue_purges(
+        self, calls: Sequence[WriteCall], outcomes: Sequence[WriteOutcome | None]
+    ) -> None:
+        """The edge purges of a batch's applied writes to public collections, queued before
+        the batch is answered (write_many.lua leaves them to this, one more round trip;
+        the writes that take the single-key path queue their own in write.lua)."""
+        members = [
+            record_member(call.collection, call.key)
+            for call, outcome in zip(calls, outcomes, strict=True)
+            if call.collection in self._purged
+            and isinstance(outcome, WriteResult)
+            and outcome.status is Status.OK
+        ]
+        if members:
+            await self.purges.add(members)
 
     def _write_many_commands(
         self, calls: Sequence[WriteCall]
@@ -663,4 +688,10 @@ class RecordStore:
                     chunk = []
             if chunk:
                 await run(chunk)
+        if self.settings.purges_edges:
+            # Any collection: one that was public until a restart may still be at the edge.
+            if keys is None:
+                await self.purges.add([collection_member(collection)])
+            else:
+                await self.purges.add(record_member(collection, key) for key in keys)
         return dropped, skipped

@@ -142,6 +142,13 @@ class Keys:
         return f"{self.prefix}kf:lock"
 
     @property
+    def purge_queue(self) -> str:
+        """ZSET: edge purges (service/core/purge.py) -> when due (ms): ``r:<member>`` for
+        a record, ``c:<collection>`` for a collection, ``~`` before either for the second,
+        delayed purge; a claimed purge's score is its lease's end."""
+        return f"{self.shard_prefix}purgeq"
+
+    @property
     def workers(self) -> str:
         """ZSET worker id -> last heartbeat (ms)."""
         return f"{self.prefix}workers"

@@ -80,6 +80,9 @@ class Scripts:
     heartbeat: AsyncScript
     key_filter: AsyncScript
     key_filter_check: AsyncScript
+    purge_add: AsyncScript
+    purge_claim: AsyncScript
+    purge_settle: AsyncScript
 
     @classmethod
     def register(cls, redis: AnyRedis) -> Scripts:
@@ -97,4 +100,7 @@ class Scripts:
             heartbeat=script(redis, _source("heartbeat")),
             key_filter=script(redis, _source("keyfilter")),
             key_filter_check=script(redis, _source("keyfilter_check")),
+            purge_add=script(redis, _source("purge_add")),
+            purge_claim=script(redis, _source("purge_claim")),
+            purge_settle=script(redis, _source("purge_settle")),
         )

@@ -82,6 +82,11 @@ def _number(raw: bytes) -> float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
+def _mean(counters: dict[str, float], histogram: str) -> float | None:
+    count = counters.get(f"{histogram}:count", 0)
+    return round(counters.get(f"{histogram}:sum", 0) / count, 4) if count else None
+
+
 async def redis_now_ms(redis: AnyRedis) -> int:
     """Redis' clock in ms: the one clock every process compares times with (the scripts
     stamp dirty marks, leases and the flush log with ``TIME``; workers their heartbeats)."""
@@ -90,7 +95,7 @@ async def redis_now_ms(redis: AnyRedis) -> int:
 
 
 # What collect reads of each shard, in its pipeline's order.
-_PER_SHARD = 8
+_PER_SHARD = 9
 
 
 async def mark_served(redis: AnyRedis, shards: Shards) -> None:
@@ -129,6 +134,7 @@ async def collect(
             pipe.hgetall(k.counters)
             pipe.zcard(k.leases)
             pipe.zrangebyscore(k.flush_log, now - 60_000, "+inf")
+            pipe.zcard(k.purge_queue)
         pipe.zrangebyscore(keys.workers, now - WORKER_ALIVE_MS, "+inf", withscores=True)
         pipe.get(keys.last_error)
         pipe.exists(keys.served)
@@ -139,13 +145,14 @@ async def collect(
     if arq is not None:
         queued = await arq.zcard(keys.arq_queue)
     workers, last_error, served = results[-3:]
-    dirty = inflight = dead = batches = 0
+    dirty = inflight = dead = batches = purges = 0
     oldest: list[int] = []
     counters: dict[str, float] = {}
     recent: list[bytes] = []
     for i in range(0, len(results) - 3, _PER_SHARD):
-        d, f, oldest_dirty, oldest_batch, dl, counters_raw, b, r = results[i : i + _PER_SHARD]
+        d, f, oldest_dirty, oldest_batch, dl, counters_raw, b, r, pq = results[i : i + _PER_SHARD]
         dirty, inflight, dead, batches = dirty + d, inflight + f, dead + dl, batches + b
+        purges += pq
         oldest += [int(s) for _, s in (oldest_dirty + oldest_batch)]
         for name, value in counters_raw.items():
             counters[name.decode()] = counters.get(name.decode(), 0) + _number(value)
@@ -172,6 +179,13 @@ async def collect(
         "last_flush_error": orjson.loads(last_error) if last_error else None,
         # Whether an API or worker of the service ever used this Redis (under this prefix).
         "served": bool(served or dirty or inflight or dead or workers),
+        # The edge (docs/edge.md): purges queued (first and second ones, and those being
+        # retried while an edge is down), first purges confirmed, failed purge rounds, and
+        # the mean time from a write to its purge's confirmation (histogram on /metrics).
+        "edge_purges_pending": purges,
+        "edge_purges": counters.get("edge_purges", 0),
+        "edge_purge_failures": counters.get("edge_purge_failures", 0),
+        "edge_purge_latency_mean_s": _mean(counters, "edge_purge_latency_seconds"),
     }
     if raw_counters:
         out["raw_counters"] = counters

@@ -293,6 +293,12 @@
     const errEl = $("last-flush-error");
     errEl.textContent = err ? err.error + " (" + fmtTime(err.at) + ")" : "none";
     errEl.classList.toggle("alarm", !!err);
+    // The edge (docs/edge.md): purges waiting or retried while an edge is down.
+    setValue("edge-purges-pending", s.edge_purges_pending, fmtInt(s.edge_purges_pending));
+    setValue("edge-purges", s.edge_purges + "/" + s.edge_purge_failures,
+      fmtInt(s.edge_purges) + " / " + fmtInt(s.edge_purge_failures));
+    setValue("edge-purge-latency", s.edge_purge_latency_mean_s,
+      s.edge_purge_latency_mean_s === null ? "—" : fmtSeconds(s.edge_purge_latency_mean_s));
 
     const list = $("worker-list");
     list.replaceChildren();

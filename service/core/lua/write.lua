@@ -1,7 +1,9 @@
 -- The whole write path in one round trip: preconditions, version, entry, dirty mark,
 -- backpressure and "must a flush be scheduled?".
 -- KEYS: 1 entry, 2 dirty, 3 inflight, 4 wake, 5 dead, 6 pending counts, 7 key filter,
---       8 the key filter's origin, 9 pending keys (redis_keys.Keys.pending_keys)
+--       8 the key filter's origin, 9 pending keys (redis_keys.Keys.pending_keys),
+--       10 the shard's edge purge queue (given only for a public collection's record
+--       when edges are purged; write_many.lua never passes it)
 -- ARGV: 1 op (put|del|patch), 2 document, 3 member,
 --       4 If-Match mode (0 none, 1 "*", 2 list), 5 If-Match list ",v1,v2,",
 --       6 If-None-Match mode, 7 If-None-Match list,
@@ -125,6 +127,11 @@ if filtered and redis.call('EXISTS', KEYS[7]) == 1 then
     set[#set + 1] = 1
   end
   redis.call('BITFIELD', KEYS[7], unpack(set))
+end
+-- The edge purge is queued in the write's own script: an acknowledged write always has
+-- its purge queued, even if the API dies right after answering (service/core/purge.py).
+if KEYS[10] then
+  redis.call('ZADD', KEYS[10], math.floor(now_us / 1000), 'r:' .. m)
 end
 local schedule = '0'
 if redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[12]) then
