@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import cast
 
 from service.api.http import validate_collection
 from service.api.memcached import meta, text
@@ -96,8 +97,8 @@ class Connection(asyncio.Protocol):
     # -- transport events -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, though it is one.
+        self.transport = transport = cast(asyncio.Transport, transport)
         stats = self.door.stats
         if len(self.server.connections) >= self.server.max_connections:
             stats.rejected_connections += 1
