@@ -30,6 +30,12 @@ class Stats:
     noreply_errors: int = 0
     counts: Counter[str] = field(default_factory=Counter)
 
+    def reset(self) -> None:
+        """``stats reset``: the counters, not the gauges (connections open)."""
+        self.sets = self.touches = self.flushes = self.noreply_errors = 0
+        self.total_connections = self.rejected_connections = 0
+        self.counts.clear()
+
     def count(self, what: str, hit: bool) -> None:
         self.counts[f"{what}_{'hits' if hit else 'misses'}"] += 1
 
@@ -50,6 +56,7 @@ class Stats:
 class Door:
     items: Items
     allow_flush: bool
+    max_connections: int
     stats: Stats = field(default_factory=Stats)
     version: str = PROTOCOL_VERSION
 
@@ -58,6 +65,15 @@ class Door:
         if name is None:
             raise BadCommand("bad command line format")
         return name
+
+    def settings_lines(self) -> Iterator[tuple[str, object]]:
+        items = self.items
+        yield "maxconns", self.max_connections
+        yield "item_size_max", items.max_bytes
+        yield "cas_enabled", "yes"
+        yield "auth_enabled_sasl", "no"
+        yield "flush_enabled", "yes" if self.allow_flush else "no"
+        yield "default_collection", items.collection
 
     def stats_lines(self) -> Iterator[tuple[str, object]]:
         s = self.stats

@@ -100,7 +100,7 @@ class Connection(asyncio.Protocol):
         # uvloop's TCPTransport is not an asyncio.Transport subclass, though it is one.
         self.transport = transport = cast(asyncio.Transport, transport)
         stats = self.door.stats
-        if len(self.server.connections) >= self.server.max_connections:
+        if len(self.server.connections) >= self.door.max_connections:
             stats.rejected_connections += 1
             transport.write(server_error("too many open connections"))
             transport.close()
@@ -272,14 +272,12 @@ class MemcachedServer:
         host: str,
         port: int,
         max_value: int,
-        max_connections: int,
         observer: Observer | None = None,
     ) -> None:
         self.door = door
         self.host = host
         self.port = port
         self.max_value = max_value
-        self.max_connections = max_connections
         self.observer = observer
         self.known = {c.decode() for c in _HANDLERS} | {"invalid"}
         self.connections: set[Connection] = set()
@@ -329,7 +327,9 @@ async def open_door(
     """The memcached server of MEMCACHED_PORT (0: any free port), started."""
     validate_collection(settings.memcached_collection)  # refuse a bad name at start
     door = Door(
-        Items(store, settings, settings.memcached_collection), settings.memcached_allow_flush
+        Items(store, settings, settings.memcached_collection),
+        settings.memcached_allow_flush,
+        settings.memcached_max_connections,
     )
     assert settings.memcached_port is not None
     server = MemcachedServer(
@@ -337,7 +337,6 @@ async def open_door(
         settings.memcached_bind,
         settings.memcached_port,
         settings.max_document_bytes,
-        settings.memcached_max_connections,
         observer,
     )
     await server.start()

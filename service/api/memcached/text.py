@@ -158,11 +158,24 @@ async def verbosity(door: Door, req: Request) -> bytes:
     return b"OK\r\n"
 
 
+# Sub-statistics of memcached's slab allocator and LRU: a store has none to show.
+_EMPTY_STATS = frozenset((b"items", b"slabs", b"sizes", b"conns"))
+
+
 async def stats(door: Door, req: Request) -> bytes:
-    if req.args:
-        return b"END\r\n"  # no sub-statistics (slabs, items, ...): a store has none
-    lines = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in door.stats_lines()]
-    return b"".join(lines) + b"END\r\n"
+    if not req.args:
+        lines = door.stats_lines()
+    elif req.args[0] == b"reset":
+        door.stats.reset()
+        return b"RESET\r\n"
+    elif req.args[0] == b"settings":
+        lines = door.settings_lines()
+    elif req.args[0] in _EMPTY_STATS:
+        return b"END\r\n"
+    else:
+        return b"ERROR\r\n"  # as memcached answers a sub-command it does not know
+    out = [b"STAT %s %s\r\n" % (k.encode(), str(v).encode()) for k, v in lines]
+    return b"".join(out) + b"END\r\n"
 
 
 Handler = Callable[[Door, Request], Awaitable[bytes]]
