@@ -61,7 +61,10 @@ async def _retrieve(door: Door, keys: list[bytes], with_cas: bool, exptime: int 
     if not keys:
         raise BadCommand(_BAD_FORMAT)
     names = [door.name(k) for k in keys]
-    items = await asyncio.gather(*(door.items.get(n) for n in names))
+    if len(names) == 1:  # the common get: no task of its own
+        items: list[Item | None] = [await door.items.get(names[0])]
+    else:  # read concurrently: the shared Redis connection sends them together
+        items = list(await asyncio.gather(*(door.items.get(n) for n in names)))
     out = []
     for key, name, item in zip(keys, names, items, strict=True):
         door.stats.count_get(item is not None)
