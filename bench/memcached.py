@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import redis
 import redis.asyncio
 
@@ -216,15 +217,36 @@ class RealMemcached:
         self.popen.wait(10)
 
 
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def _measured(pid: int, phase: Awaitable[Phase]) -> dict[str, Any]:
+    """The phase's summary, with the server process' CPU per operation: on a busy machine
+    the rates move with the neighbours' load, CPU per operation much less."""
+    before = _cpu(pid)
+    done = await phase
+    summary = done.summary()
+    summary["server_cpu_us_per_op"] = round((_cpu(pid) - before) / max(done.ops, 1) * 1e6, 1)
+    return summary
+
+
 async def _pair(
-    label: str, connect: Callable[[], Awaitable[Any]], ops: tuple[Op, Op], n: int, c: int
+    label: str,
+    pid: int,
+    connect: Callable[[], Awaitable[Any]],
+    ops: tuple[Op, Op],
+    n: int,
+    c: int,
+    depth: int = 1,
 ) -> dict[str, Any]:
     set_op, get_op = ops
-    await _drive("warm-up", connect, min(n // 10, 2000), c, get_op)
-    sets = await _drive(f"{label} set", connect, n, c, set_op)
-    gets = await _drive(f"{label} get", connect, n, c, get_op)
-    print(f"  {label:28} set {sets.summary()}\n  {'':28} get {gets.summary()}", flush=True)
-    return {"set": sets.summary(), "get": gets.summary()}
+    await _drive("warm-up", connect, min(n // 10, 2000), c, get_op, depth)
+    sets = await _measured(pid, _drive(f"{label} set", connect, n, c, set_op, depth))
+    gets = await _measured(pid, _drive(f"{label} get", connect, n, c, get_op, depth))
+    print(f"  {label:28} set {sets}\n  {'':28} get {gets}", flush=True)
+    return {"set": sets, "get": gets}
 
 
 async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict[str, Any]:
@@ -246,8 +268,10 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         await _key_filter_ready(servers.redis_url)
         n, c = opts.ops, opts.connections
         print(f"{n:,} sets then {n:,} gets over {opts.keys:,} keys, {c} connections:")
+        api_pid, real_pid = proc.pid, real.popen.pid
         results["memcached_real"] = await _pair(
             "memcached (ceiling)",
+            real_pid,
             lambda: _Stream(real.port).open(),
             _memcached_ops("real", opts.keys, docs),
             n,
@@ -255,6 +279,7 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         results["wbcache_memcached"] = await _pair(
             "wbcache, memcached protocol",
+            api_pid,
             lambda: _Stream(mc_port).open(),
             _memcached_ops("mcb", opts.keys, docs),
             n,
@@ -262,6 +287,7 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         results["wbcache_http"] = await _pair(
             "wbcache, HTTP PUT/GET",
+            api_pid,
             lambda: _Http("127.0.0.1", port).open(),
             _http_ops("httpb", opts.keys, docs, api.hostport),
             n,
@@ -269,21 +295,28 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         d, pc = opts.pipeline, max(1, c // 8)
         print(f"pipelined: {pc} connections, {d} requests in flight each:")
-        for label, name, p in (("memcached", "real", real.port), ("wbcache", "mcb", mc_port)):
-            set_proto, get_proto = _memcached_ops(f"{name}p", opts.keys, docs)
+        for label, name, pid, p in (
+            ("memcached", "real", real_pid, real.port),
+            ("wbcache", "mcb", api_pid, mc_port),
+        ):
 
             def connect(port: int = p) -> Awaitable[_Stream]:
                 return _Stream(port).open()
 
-            sets = await _drive(f"{label} set", connect, n, pc, set_proto, d)
-            gets = await _drive(f"{label} get", connect, n, pc, get_proto, d)
-            print(f"  {label:28} set {sets.summary()}\n  {'':28} get {gets.summary()}")
-            results[f"pipelined_{name}"] = {"set": sets.summary(), "get": gets.summary()}
+            results[f"pipelined_{name}"] = await _pair(
+                label, pid, connect, _memcached_ops(f"{name}p", opts.keys, docs), n, pc, d
+            )
         mc, http = results["wbcache_memcached"], results["wbcache_http"]
         results["ratios"] = {
             "set_over_put": round(mc["set"]["ops_per_s"] / http["set"]["ops_per_s"], 2),
             "get_over_http_get": round(mc["get"]["ops_per_s"] / http["get"]["ops_per_s"], 2),
             "set_p99_over_put_p99": round(mc["set"]["p99_ms"] / http["set"]["p99_ms"], 2),
+            "put_cpu_over_set_cpu": round(
+                http["set"]["server_cpu_us_per_op"] / mc["set"]["server_cpu_us_per_op"], 2
+            ),
+            "http_get_cpu_over_get_cpu": round(
+                http["get"]["server_cpu_us_per_op"] / mc["get"]["server_cpu_us_per_op"], 2
+            ),
             "set_over_real_memcached": round(
                 mc["set"]["ops_per_s"] / results["memcached_real"]["set"]["ops_per_s"], 3
             ),

@@ -142,7 +142,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The memcached door (MEMCACHED_PORT): same loop, store and metrics as HTTP.
         door = None
         if settings.memcached_port is not None:
-            door = await open_door(settings, state.store, state.metrics.observe_memcached)
+            door = await open_door(
+                settings, state.store, state.write_through, state.metrics.observe_memcached
+            )
         app.state.memcached = door
         try:
             yield

@@ -326,3 +326,18 @@ async def test_backpressure_answers_server_error(
         assert reply.startswith(b"SERVER_ERROR out of memory") and b"MAX_PENDING" in reply
         assert await raw.ask(b"set bp:0 0 0 1\r\ny\r\n") == b"STORED\r\n"  # already pending
         await raw.close()
+
+
+async def test_a_write_through_collection_answers_stored_once_committed(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
+) -> None:
+    settings = settings_factory(collection_write_mode={"wt": "through"})
+    async with running_door(settings) as door, running_worker(settings):
+        raw = await Raw.connect(door)
+        assert await raw.ask(b"set wt:k 3 0 2\r\nab\r\n") == b"STORED\r\n"
+        # Committed before the answer: no waiting here.
+        row = await pg.fetchval("SELECT value::text FROM records WHERE collection='wt'")
+        assert row is not None and '"text": "ab"' in row
+        assert await raw.ask(b"delete wt:k\r\n") == b"DELETED\r\n"
+        assert await pg.fetchval("SELECT count(*) FROM records WHERE collection='wt'") == 0
+        await raw.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from service.api.memcached.ops import Backpressure
+from service.api.memcached.ops import Backpressure, NotPersisted
 from service.api.memcached.parser import client_error, server_error
 from service.api.memcached.values import TooLarge
 from service.core.errors import classify
@@ -25,6 +25,16 @@ def error_reply(exc: Exception) -> bytes:
         return server_error(
             "out of memory storing object: too many writes are waiting to be persisted "
             "(MAX_PENDING); retry shortly"
+        )
+    if isinstance(exc, NotPersisted):
+        if exc.dead:
+            return server_error(
+                f"rejected by the database: the write (version {exc.version}) is in the "
+                "dead letters, with the error"
+            )
+        return server_error(
+            f"not persisted: the write (version {exc.version}) is stored and queued, but "
+            f"Postgres did not commit it within {exc.timeout:g} s"
         )
     if isinstance(exc, TooLarge):
         return server_error("object too large for cache")

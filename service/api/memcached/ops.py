@@ -11,9 +11,12 @@ came between its read and itself, and versions only grow, so no interleaving is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from service.api.memcached import values
@@ -30,6 +33,9 @@ from service.core.records import (
     WriteCall,
     WriteResult,
 )
+from service.core.redis_keys import member
+from service.core.write_through import Outcome as Persisted
+from service.core.write_through import WriteThrough
 
 _ANY = Match(any=True)
 _CAS_RETRIES = 50
@@ -60,6 +66,17 @@ class Backpressure(Exception):
     """MAX_PENDING writes are waiting: the item was not stored."""
 
 
+class NotPersisted(Exception):
+    """A write-through write is stored and queued, but Postgres did not commit it in time
+    (or refused it: ``dead``, then it is in the dead letters)."""
+
+    def __init__(self, version: int, timeout: float, dead: bool = False) -> None:
+        super().__init__(version, timeout, dead)
+        self.version = version
+        self.timeout = timeout
+        self.dead = dead
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     value: bytes
@@ -88,9 +105,18 @@ def deadline_ms(exptime: int) -> int:
 class Items:
     """Items by memcached key, over one RecordStore."""
 
-    def __init__(self, store: RecordStore, settings: Settings, collection: str) -> None:
+    def __init__(
+        self,
+        store: RecordStore,
+        settings: Settings,
+        collection: str,
+        write_through: WriteThrough | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
+        # COLLECTION_WRITE_MODE "through" and BACKPRESSURE_MODE=through, as over HTTP.
+        self.write_through = write_through
+        self._turns = _Turns()
         self.collection = collection
         self.max_bytes = settings.max_document_bytes
 
@@ -170,8 +196,21 @@ class Items:
         self, name: tuple[str, str], apply: Callable[[bytes], bytes | None], cas: int | None
     ) -> Stored:
         """Read, compute, write with a compare-and-set on the version read; again on
-        conflict. ``apply`` gives the new value, or None if the old one does not allow it."""
-        for _ in range(_CAS_RETRIES):
+        conflict. ``apply`` gives the new value, or None if the old one does not allow it.
+
+        This process' read-modify-writes of one key take turns (``_turns``): else a
+        burst of them on a hot counter conflicts in lockstep, each round won by one, and
+        an unlucky one can lose every round. Conflicts then come only from other
+        processes (or plain sets), and a loser waits a random moment before it retries."""
+        async with self._turns.take(name):
+            return await self._modify_now(name, apply, cas)
+
+    async def _modify_now(
+        self, name: tuple[str, str], apply: Callable[[bytes], bytes | None], cas: int | None
+    ) -> Stored:
+        for attempt in range(_CAS_RETRIES):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
             current = await self.store.read(*name, fill=False)
             if current.document is None:
                 return Stored(Outcome.NOT_FOUND)
@@ -230,9 +269,22 @@ class Items:
         return deleted
 
     async def _write(self, call: WriteCall) -> WriteResult:
+        """The write script's result; with write-through (the collection's mode, or past
+        MAX_PENDING with BACKPRESSURE_MODE=through) only once Postgres committed it."""
         result = await self.store.write(call)
+        through = self.settings.collection_write_mode.get(call.collection) == "through"
         if result.status is Status.FULL:
-            raise Backpressure
+            if self.settings.backpressure_mode != "through" or self.write_through is None:
+                raise Backpressure
+            result = await self.store.write(replace(call, force=True))
+            through = True
+        if through and result.status is Status.OK and self.write_through is not None:
+            timeout = self.settings.write_through_timeout
+            outcome = await self.write_through(
+                member(call.collection, call.key), result.version, timeout
+            )
+            if outcome is not Persisted.COMMITTED:
+                raise NotPersisted(result.version, timeout, dead=outcome is Persisted.DEAD)
         return result
 
     async def _cas_failure(self, name: tuple[str, str]) -> Outcome:
@@ -249,6 +301,29 @@ class Items:
         entry = self.store.shards.for_record(*name).entry(*name)
         clean_ms = self.settings.clean_ttl_seconds * 1000
         await self.store.scripts.cache_ttl(keys=[entry], args=[deadline_ms(exptime), clean_ms])
+
+
+class _Turns:
+    """One asyncio lock per key while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def take(self, name: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
 
 def _stored_row(current: Record) -> repository.StoredRow | None:

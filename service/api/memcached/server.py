@@ -27,6 +27,7 @@ from service.api.memcached.ops import Items
 from service.api.memcached.parser import Parser, Refused, Request, server_error
 from service.config import Settings
 from service.core.records import RecordStore
+from service.core.write_through import WriteThrough
 
 log = logging.getLogger("wbcache.memcached")
 
@@ -322,12 +323,15 @@ class MemcachedServer:
 
 
 async def open_door(
-    settings: Settings, store: RecordStore, observer: Observer | None = None
+    settings: Settings,
+    store: RecordStore,
+    write_through: WriteThrough,
+    observer: Observer | None = None,
 ) -> MemcachedServer:
     """The memcached server of MEMCACHED_PORT (0: any free port), started."""
     validate_collection(settings.memcached_collection)  # refuse a bad name at start
     door = Door(
-        Items(store, settings, settings.memcached_collection),
+        Items(store, settings, settings.memcached_collection, write_through),
         settings.memcached_allow_flush,
         settings.memcached_max_connections,
     )
