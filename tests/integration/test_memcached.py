@@ -341,3 +341,22 @@ async def test_a_write_through_collection_answers_stored_once_committed(
         assert await raw.ask(b"delete wt:k\r\n") == b"DELETED\r\n"
         assert await pg.fetchval("SELECT count(*) FROM records WHERE collection='wt'") == 0
         await raw.close()
+
+
+async def test_metrics_and_stats_count_commands_and_hidden_errors(door: Door) -> None:
+    raw = await Raw.connect(door)
+    assert await raw.ask(b"set mx:1 0 0 1\r\nx\r\n") == b"STORED\r\n"
+    # An error nobody hears (noreply), then a command whose answer shows it was counted.
+    await raw.send(b"incr mx:1 1 noreply\r\n")
+    await raw.send(b"stats\r\n")
+    stats = await raw.until_end()
+    assert b"STAT noreply_errors 1\r\n" in stats, stats
+    await raw.close()
+    text = (await door.http.get("/metrics")).text
+    assert 'wbcache_memcached_command_duration_seconds_count{command="set",outcome="ok"} 1.0' in (
+        text
+    )
+    assert (
+        'wbcache_memcached_command_duration_seconds_count{command="incr",outcome="client_error"}'
+        in text
+    )
