@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,8 @@ from service.core.records import (
 from service.core.redis_keys import member
 from service.core.write_through import Outcome as Persisted
 from service.core.write_through import WriteThrough
+
+log = logging.getLogger("wbcache.memcached")
 
 _ANY = Match(any=True)
 _CAS_RETRIES = 50
@@ -151,7 +154,10 @@ class Items:
             pre = Preconditions(if_match=_ANY)
         result = await self._write(WriteCall(Op.PUT, *name, document, pre))
         if result.status is Status.OK:
-            await self._bound_cache(name, exptime)
+            try:
+                await self._bound_cache(name, exptime)
+            except Exception as exc:  # the write is stored: its cached copy keeps its TTL
+                log.warning("could not set the exptime of %s:%s: %s", *name, exc)
             return Stored(Outcome.STORED, result.version)
         if cas is not None:
             return Stored(await self._cas_failure(name))
