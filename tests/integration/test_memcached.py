@@ -360,3 +360,19 @@ async def test_metrics_and_stats_count_commands_and_hidden_errors(door: Door) ->
         'wbcache_memcached_command_duration_seconds_count{command="incr",outcome="client_error"}'
         in text
     )
+
+
+async def test_connections_past_the_limit_are_refused_and_the_bind_is_local(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
+) -> None:
+    settings = settings_factory(memcached_max_connections=1)
+    assert settings.memcached_bind == "127.0.0.1"  # no authentication: local by default
+    async with running_door(settings) as door:
+        first = await Raw.connect(door)
+        assert await first.ask(b"version\r\n") == b"VERSION 1.6.0\r\n"
+        second = await Raw.connect(door)
+        assert await second.line() == b"SERVER_ERROR too many open connections\r\n"
+        assert await second.reader.read() == b""
+        await second.close()
+        assert await first.ask(b"mn\r\n") == b"MN\r\n"  # the first one is unharmed
+        await first.close()
