@@ -14,6 +14,7 @@ import pytest
 from pymemcache.client.base import Client as PyMemcache
 
 from service.config import Settings
+from service.core.shards import Shards
 from tests.conftest import running_worker, wait_drained, wait_until
 from tests.support.memcached import Door, Raw, running_door
 
@@ -254,7 +255,7 @@ async def test_touch_gat_and_exptime_bound_only_the_cached_copy(
     assert await call(mc.set, "t:1", b"v", 1) is True  # expires in 1 s: the cached copy only
     async with running_worker(settings):
         await wait_drained(door.http)
-    entry = f"{settings.redis_prefix}e:t:1"
+    entry = Shards.from_settings(settings).for_record("t", "1").entry("t", "1")
 
     async def gone() -> bool:
         return not await redis.exists(entry)
@@ -318,7 +319,8 @@ async def test_flush_all_when_allowed_deletes_through_the_write_path(
 async def test_backpressure_answers_server_error(
     settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
 ) -> None:
-    async with running_door(settings_factory(max_pending=3)) as door:
+    # One shard: MAX_PENDING bounds each shard's queue (16 of them on a Cluster).
+    async with running_door(settings_factory(max_pending=3, redis_shards=1)) as door:
         raw = await Raw.connect(door)
         for i in range(3):
             assert await raw.ask(b"set bp:%d 0 0 1\r\nx\r\n" % i) == b"STORED\r\n"
