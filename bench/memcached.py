@@ -35,7 +35,7 @@ import redis
 import redis.asyncio
 
 from bench.core import Api, _new_loop, background_busy, document, git_revision, percentile
-from bench.env import ProcessGroup, Servers, service_env, start_servers
+from bench.env import ProcessGroup, Servers, redis_cpu_seconds, service_env, start_servers
 from bench.http import Connection, encode_request
 from service.adapters.migrate import migrate
 from service.config import Settings
@@ -217,24 +217,36 @@ class RealMemcached:
         self.popen.wait(10)
 
 
-def _cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+# CPU clocks by name (seconds used so far): the server process, and for wbcache also the
+# worker and Redis, which both of its doors share.
+Clocks = dict[str, Callable[[], float]]
 
 
-async def _measured(pid: int, phase: Awaitable[Phase]) -> dict[str, Any]:
-    """The phase's summary, with the server process' CPU per operation: on a busy machine
-    the rates move with the neighbours' load, CPU per operation much less."""
-    before = _cpu(pid)
+def _cpu(pid: int) -> Callable[[], float]:
+    process = psutil.Process(pid)
+
+    def used() -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    return used
+
+
+async def _measured(clocks: Clocks, phase: Awaitable[Phase]) -> dict[str, Any]:
+    """The phase's summary, with each clock's CPU per operation: on a busy machine the
+    rates move with the neighbours' load, CPU per operation much less."""
+    before = {name: clock() for name, clock in clocks.items()}
     done = await phase
     summary = done.summary()
-    summary["server_cpu_us_per_op"] = round((_cpu(pid) - before) / max(done.ops, 1) * 1e6, 1)
+    for name, clock in clocks.items():
+        used = clock() - before[name]
+        summary[f"{name}_cpu_us_per_op"] = round(used / max(done.ops, 1) * 1e6, 1)
     return summary
 
 
 async def _pair(
     label: str,
-    pid: int,
+    clocks: Clocks,
     connect: Callable[[], Awaitable[Any]],
     ops: tuple[Op, Op],
     n: int,
@@ -243,8 +255,8 @@ async def _pair(
 ) -> dict[str, Any]:
     set_op, get_op = ops
     await _drive("warm-up", connect, min(n // 10, 2000), c, get_op, depth)
-    sets = await _measured(pid, _drive(f"{label} set", connect, n, c, set_op, depth))
-    gets = await _measured(pid, _drive(f"{label} get", connect, n, c, get_op, depth))
+    sets = await _measured(clocks, _drive(f"{label} set", connect, n, c, set_op, depth))
+    gets = await _measured(clocks, _drive(f"{label} get", connect, n, c, get_op, depth))
     print(f"  {label:28} set {sets}\n  {'':28} get {gets}", flush=True)
     return {"set": sets, "get": gets}
 
@@ -257,21 +269,27 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
     )
     group = ProcessGroup(log_dir, env)
     real = RealMemcached()
+    redis_client = redis.Redis.from_url(servers.redis_url)
     api: Api | None = None
     try:
         results: dict[str, Any] = {"background_cpu_busy": await background_busy()}
         proc, port = group.api()
         api = Api(proc, port)
         await api.wait_ready()
-        group.worker()
+        worker = group.worker()
         await real.ready()
         await _key_filter_ready(servers.redis_url)
         n, c = opts.ops, opts.connections
         print(f"{n:,} sets then {n:,} gets over {opts.keys:,} keys, {c} connections:")
-        api_pid, real_pid = proc.pid, real.popen.pid
+        real_clocks: Clocks = {"server": _cpu(real.popen.pid)}
+        wb_clocks: Clocks = {
+            "server": _cpu(proc.pid),
+            "worker": _cpu(worker.pid),
+            "redis": lambda: redis_cpu_seconds(redis_client),
+        }
         results["memcached_real"] = await _pair(
             "memcached (ceiling)",
-            real_pid,
+            real_clocks,
             lambda: _Stream(real.port).open(),
             _memcached_ops("real", opts.keys, docs),
             n,
@@ -279,7 +297,7 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         results["wbcache_memcached"] = await _pair(
             "wbcache, memcached protocol",
-            api_pid,
+            wb_clocks,
             lambda: _Stream(mc_port).open(),
             _memcached_ops("mcb", opts.keys, docs),
             n,
@@ -287,7 +305,7 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         results["wbcache_http"] = await _pair(
             "wbcache, HTTP PUT/GET",
-            api_pid,
+            wb_clocks,
             lambda: _Http("127.0.0.1", port).open(),
             _http_ops("httpb", opts.keys, docs, api.hostport),
             n,
@@ -295,16 +313,16 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
         )
         d, pc = opts.pipeline, max(1, c // 8)
         print(f"pipelined: {pc} connections, {d} requests in flight each:")
-        for label, name, pid, p in (
-            ("memcached", "real", real_pid, real.port),
-            ("wbcache", "mcb", api_pid, mc_port),
+        for label, name, clocks, p in (
+            ("memcached", "real", real_clocks, real.port),
+            ("wbcache", "mcb", wb_clocks, mc_port),
         ):
 
             def connect(port: int = p) -> Awaitable[_Stream]:
                 return _Stream(port).open()
 
             results[f"pipelined_{name}"] = await _pair(
-                label, pid, connect, _memcached_ops(f"{name}p", opts.keys, docs), n, pc, d
+                label, clocks, connect, _memcached_ops(f"{name}p", opts.keys, docs), n, pc, d
             )
         mc, http = results["wbcache_memcached"], results["wbcache_http"]
         results["ratios"] = {
@@ -331,6 +349,7 @@ async def run(opts: argparse.Namespace, servers: Servers, log_dir: Path) -> dict
             await api.close()
         group.stop_all()
         real.stop()
+        redis_client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
