@@ -139,14 +139,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(_every(1.0, state.flush_counters)),
             asyncio.create_task(_every(2.0, probe_postgres)),
         ]
-        # The memcached door (MEMCACHED_PORT): same loop, store and metrics as HTTP.
         door = None
-        if settings.memcached_port is not None:
-            door = await open_door(
-                settings, state.store, state.write_through, state.metrics.observe_memcached
-            )
-        app.state.memcached = door
         try:
+            # The memcached door (MEMCACHED_PORT): same loop, store and metrics as HTTP. A
+            # port it cannot bind fails the start, after the cleanup below.
+            if settings.memcached_port is not None:
+                door = await open_door(
+                    settings, state.store, state.write_through, state.metrics.observe_memcached
+                )
+            app.state.memcached = door
             yield
         finally:
             if door is not None:

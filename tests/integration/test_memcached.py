@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 from pymemcache.client.base import Client as PyMemcache
 
+from service.api.app import create_app
 from service.config import Settings
 from service.core.shards import Shards
 from tests.conftest import running_worker, wait_drained, wait_until
@@ -378,3 +380,18 @@ async def test_connections_past_the_limit_are_refused_and_the_bind_is_local(
         await second.close()
         assert await first.ask(b"mn\r\n") == b"MN\r\n"  # the first one is unharmed
         await first.close()
+
+
+async def test_a_port_in_use_fails_the_start(
+    settings_factory: Callable[..., Settings], pg: asyncpg.Connection, redis: Any
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        app = create_app(settings_factory(memcached_port=taken.getsockname()[1]))
+        with pytest.raises(OSError):
+            async with app.router.lifespan_context(app):
+                pass
+    finally:
+        taken.close()
