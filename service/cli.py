@@ -106,6 +106,13 @@ def serve(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
     redis_url: RedisOpt = None,
     database_url: DbOpt = None,
+    memcached_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve the memcached protocol on this port (MEMCACHED_PORT; bound to "
+            "MEMCACHED_BIND, 127.0.0.1 by default: the protocol has no authentication)"
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP API (uvicorn with uvloop and httptools)."""
     import uvicorn
@@ -113,6 +120,8 @@ def serve(
     from service.adapters.http_server import LimitedHttpToolsProtocol, raise_open_files_limit
     from service.adapters.logs import setup
 
+    if memcached_port is not None:  # the app factory reads its settings from the environment
+        os.environ["MEMCACHED_PORT"] = str(memcached_port)
     settings = _settings(redis_url, database_url)
     setup(settings.log_level, settings.log_json)
     if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):

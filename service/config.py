@@ -145,6 +145,17 @@ class Settings(BaseSettings):
     # An idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive).
     http_keep_alive_timeout_seconds: int = Field(default=5, ge=1)
 
+    # The memcached door (service/api/memcached/, docs/memcached.md): off unless a port is
+    # set. The protocol has no authentication: bind it where only trusted clients reach.
+    memcached_port: int | None = Field(default=None, ge=0, le=65535)
+    memcached_bind: str = "127.0.0.1"
+    # Where a key without "collection:" lives.
+    memcached_collection: str = "kv"
+    # flush_all deletes the memcached collection's records (through the write path) only
+    # when this is true; otherwise it answers SERVER_ERROR.
+    memcached_allow_flush: bool = False
+    memcached_max_connections: int = Field(default=4096, ge=1)
+
     # The worker touches this file on every heartbeat (`wbcache healthcheck worker`).
     worker_heartbeat_file: str = "/tmp/wbcache-worker.heartbeat"
 

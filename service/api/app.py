@@ -22,6 +22,7 @@ from service.api import batch, dashboard, deadletters, errors, listing, ops, rec
 from service.api.auth import ApiKeys, Guard
 from service.api.cache_headers import CacheHeaders
 from service.api.lane import RecordsLane, WbcacheApp
+from service.api.memcached.server import open_door
 from service.api.metrics import Metrics
 from service.api.middleware import RequestContext
 from service.api.state import AppState, HitCounters
@@ -138,9 +139,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             asyncio.create_task(_every(1.0, state.flush_counters)),
             asyncio.create_task(_every(2.0, probe_postgres)),
         ]
+        door = None
         try:
+            # The memcached door (MEMCACHED_PORT): same loop, store and metrics as HTTP. A
+            # port it cannot bind fails the start, after the cleanup below.
+            if settings.memcached_port is not None:
+                door = await open_door(
+                    settings, state.store, state.write_through, state.metrics.observe_memcached
+                )
+            app.state.memcached = door
             yield
         finally:
+            if door is not None:
+                await door.aclose()
             for t in tasks:
                 t.cancel()
             with contextlib.suppress(Exception):

@@ -113,12 +113,29 @@ class Metrics:
         )
         # labels() validates and looks up its child under a lock on every call: keep them.
         self._http_children: dict[tuple[str, str, int], Any] = {}
+        # The memcached door's commands (service/api/memcached/), on the same scrape.
+        self.memcached_latency = Histogram(
+            "wbcache_memcached_command_duration_seconds",
+            "Memcached protocol command latency by command and outcome (ok, error, "
+            "client_error, server_error; errors hidden by noreply are counted too)",
+            ["command", "outcome"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self._memcached_children: dict[tuple[str, str], Any] = {}
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         child = self._http_children.get((method, route, status))
         if child is None:
             child = self.http_latency.labels(method, route, str(status))
             self._http_children[(method, route, status)] = child
+        child.observe(seconds)
+
+    def observe_memcached(self, command: str, outcome: str, seconds: float) -> None:
+        child = self._memcached_children.get((command, outcome))
+        if child is None:
+            child = self.memcached_latency.labels(command, outcome)
+            self._memcached_children[(command, outcome)] = child
         child.observe(seconds)
 
     def render(self, stats: dict[str, Any]) -> bytes:

@@ -83,6 +83,7 @@ class Scripts:
     purge_add: AsyncScript
     purge_claim: AsyncScript
     purge_settle: AsyncScript
+    cache_ttl: AsyncScript
 
     @classmethod
     def register(cls, redis: AnyRedis) -> Scripts:
@@ -103,4 +104,5 @@ class Scripts:
             purge_add=script(redis, _source("purge_add")),
             purge_claim=script(redis, _source("purge_claim")),
             purge_settle=script(redis, _source("purge_settle")),
+            cache_ttl=script(redis, _source("cache_ttl")),
         )

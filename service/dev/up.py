@@ -108,6 +108,22 @@ def _client_host(host: str) -> str:
     return host
 
 
+# The memcached protocol's well-known port: `wbcache up` serves it there when it is free.
+MEMCACHED_DEFAULT_PORT = 11211
+
+
+def _memcached_port(bind: str) -> tuple[int | None, str]:
+    """The memcached port `up` serves (MEMCACHED_PORT, else 11211 when free), or None and
+    why not."""
+    configured = os.environ.get("MEMCACHED_PORT")
+    if configured:
+        return int(configured), ""
+    problem = _port_free(bind, MEMCACHED_DEFAULT_PORT)
+    if problem is None:
+        return MEMCACHED_DEFAULT_PORT, ""
+    return None, f"port {MEMCACHED_DEFAULT_PORT} is not free ({problem}); set MEMCACHED_PORT"
+
+
 def _http_base(host: str, port: int) -> str:
     h = _client_host(host)
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
@@ -147,11 +163,12 @@ class Up:
         self.redis_url = ""
         self.database_url = ""
         python = [sys.executable, "-m", "service.cli"]
-        self.api = Child(
-            "api",
-            [*python, "serve", "--host", host, "--port", str(port)],
-            self.data_dir / "api.log",
-        )
+        serve = [*python, "serve", "--host", host, "--port", str(port)]
+        self.memcached_bind = os.environ.get("MEMCACHED_BIND", "127.0.0.1")
+        self.memcached_port, self.memcached_off = _memcached_port(self.memcached_bind)
+        if self.memcached_port is not None and "MEMCACHED_PORT" not in os.environ:
+            serve += ["--memcached-port", str(self.memcached_port)]
+        self.api = Child("api", serve, self.data_dir / "api.log")
         self.worker = Child("worker", [*python, "worker"], self.data_dir / "worker.log")
         self.signals = 0
         self.stopping = False
@@ -362,6 +379,9 @@ class Up:
             + ("" if _client_host(self.host) == self.host else f"  (listening on {self.host})"),
             f"  docs       {base}/docs",
             f"  dashboard  {base}/dashboard",
+            f"  memcached  {self.memcached_bind}:{self.memcached_port}  (no authentication)"
+            if self.memcached_port is not None
+            else f"  memcached  off: {self.memcached_off}",
             f"  Redis      {redact_url(self.redis_url)}  {where(self.redis)}",
             f"  Postgres   {redact_url(self.database_url)}  {where(self.postgres)}",
             f"  logs       {self.api.log_path} and {self.worker.log_path}"

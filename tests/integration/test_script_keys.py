@@ -49,7 +49,7 @@ LUA = Path(str(files("service.core") / "lua"))
 # Commands whose key is their first argument; commands whose arguments are all keys; and
 # commands without keys. A script using any other command fails here until it is added.
 FIRST_KEY = {
-    "get", "set", "pexpire", "pexpireat", "persist",
+    "get", "set", "pexpire", "pexpireat", "persist", "pttl",
     "hget", "hset", "hdel", "hmget", "hgetall", "hexists", "hincrby", "hlen",
     "zadd", "zrem", "zscore", "zmscore", "zrangebyscore", "zremrangebyscore", "zcard",
     "bitfield", "getbit", "setbit",

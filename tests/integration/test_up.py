@@ -14,7 +14,9 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+from pymemcache.client.base import Client as PyMemcache
 
+from service.core import documents
 from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import TestServers as Servers
@@ -79,6 +81,7 @@ async def test_up_embedded_restart_and_orphans(
             "postgresql://postgres@127.0.0.1:",
             str(data_dir / "api.log"),
             str(data_dir / "worker.log"),
+            f"memcached  127.0.0.1:{up_env['MEMCACHED_PORT']}",
         ):
             assert expected in banner, f"{expected!r} missing from the banner:\n{banner}"
         # up runs in its own session; its children each in theirs (a terminal Ctrl-C
@@ -89,6 +92,12 @@ async def test_up_embedded_restart_and_orphans(
         version = await put_and_persist(client, up.url, "ada", doc)
         got = await client.get(f"{up.url}/v1/uptest/ada")
         assert got.status_code == 200 and got.json() == doc
+        # The memcached door reads the same record.
+        mc = PyMemcache(("127.0.0.1", int(up_env["MEMCACHED_PORT"])), timeout=10)
+        try:
+            assert mc.get("uptest:ada") == documents.dumps(doc)
+        finally:
+            mc.close()
 
         # The operator commands, run as the README writes them (no URL) in the directory
         # where up runs, talk to up's servers (they used to read the default Redis).

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from service.dev import processes
+from service.dev.embedded import free_port
 from tests.conftest import wait_until
 from tests.support.servers import data_dir
 
@@ -158,6 +159,8 @@ def up_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
     env.pop("DATABASE_URL", None)
+    # Not 11211, which up takes when free: tests of other checkouts may run meanwhile.
+    env["MEMCACHED_PORT"] = str(free_port())
     return env
 
 

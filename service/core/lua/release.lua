@@ -89,7 +89,9 @@ for j = 1, n do
     released[nr] = m
     count(m, -1)
   end
-  local cur = redis.call('HGET', e, 'v')
+  -- 'e': a memcached exptime (cache_ttl.lua), applied once the entry is clean.
+  local got = redis.call('HMGET', e, 'v', 'e')
+  local cur = got[1]
   if cur == v then
     -- Committed: the entry is clean, unless we had lost it and another batch holds it.
     -- (While we owned it, writes could not put it back in the dirty set.) A clean entry
@@ -102,6 +104,8 @@ for j = 1, n do
       -- PEXPIREAT: Redis rewrites a PEXPIRE into one (for AOF and replicas) per call.
       if j > puts then
         redis.call('PEXPIREAT', e, tomb_at)
+      elseif got[2] and tonumber(got[2]) < tonumber(clean_at) then
+        redis.call('PEXPIREAT', e, got[2])
       else
         redis.call('PEXPIREAT', e, clean_at)
       end

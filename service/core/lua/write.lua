@@ -19,8 +19,9 @@ local op = ARGV[1]
 local m = ARGV[3]
 local filtered = ARGV[14] ~= ''
 
--- 'x' (dead-lettered) and 'a' (attempts) are read only to skip clearing them when absent.
-local cur = redis.call('HMGET', e, 'v', 't', 'x', 'a')
+-- 'x' (dead-lettered), 'a' (attempts) and 'e' (a memcached exptime: cache_ttl.lua, which
+-- runs after the write that sets one) are read only to skip clearing them when absent.
+local cur = redis.call('HMGET', e, 'v', 't', 'x', 'a', 'e')
 local cached = cur[1] ~= false
 local exists, curv
 if cached then
@@ -91,11 +92,11 @@ local nvs = string.format('%d', nv)
 
 if op == 'del' then
   redis.call('HSET', e, 'v', nvs, 't', '1')
-  redis.call('HDEL', e, 'd', 'x', 'a')
+  redis.call('HDEL', e, 'd', 'x', 'a', 'e')
 else
   redis.call('HSET', e, 'v', nvs, 'd', ARGV[2])
-  if cur[2] or cur[3] or cur[4] then
-    redis.call('HDEL', e, 't', 'x', 'a')
+  if cur[2] or cur[3] or cur[4] or cur[5] then
+    redis.call('HDEL', e, 't', 'x', 'a', 'e')
   end
 end
 if not cached then
