@@ -132,6 +132,9 @@ def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
 # Writes per call of write_many.lua: Redis serves nobody else while it runs (about 10 µs
 # per write), so a batch of 1,000 writes to one shard is several calls, one round trip.
 _WRITES_PER_CALL = 200
+# Where write_many.lua's arguments hold the run_id: after the count of each write's own
+# arguments, write.lua's ARGV 12-14 (``_shared_args``).
+_SHARED_RUN_ID = 4
 
 # What a read takes from an entry: version, document, tombstone flag, dead-letter flag.
 _READ_FIELDS = ["v", "d", "t", "x"]
@@ -346,7 +349,10 @@ class RecordStore:
         if not calls:
             return []
         groups, commands = self._write_many_commands(calls)
-        raws, acks = await self._pipelined_scripts(self.scripts.write_many, commands)
+        if self.mux is not None and not self._replicas:
+            raws, acks = await self._mux_write_many(commands), [None] * len(commands)
+        else:
+            raws, acks = await self._pipelined_scripts(self.scripts.write_many, commands)
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = reload = False
@@ -433,6 +439,28 @@ class RecordStore:
                 groups.append([i for i, _ in part])
                 commands.append((self._shard_write_keys(k) + entries, args))
         return groups, commands
+
+    async def _mux_write_many(self, commands: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """write_many.lua's calls through the shared connection, each given the run_id of
+        the server it is written to (``_SHARED_RUN_ID``), so that the key filter is
+        trusted there as on the single-key path: a write to a key the filter has never
+        seen is then a create at version 0, with no Postgres read. Error replies come back
+        in place, as from ``_pipelined_scripts``; a failure of the connection raises."""
+        assert self.mux is not None
+        sha = self.scripts.write_many.sha
+
+        def bound(keys: list[str], args: list[Any]) -> Callable[[str], list[Any]]:
+            head, tail = args[:_SHARED_RUN_ID], args[_SHARED_RUN_ID + 1 :]
+            return lambda run_id: ["EVALSHA", sha, len(keys), *keys, *head, run_id, *tail]
+
+        raws = await asyncio.gather(
+            *(self.mux.execute_bound(bound(keys, args)) for keys, args in commands),
+            return_exceptions=True,
+        )
+        for raw in raws:
+            if isinstance(raw, BaseException) and not isinstance(raw, ResponseError):
+                raise raw
+        return raws
 
     async def _pipelined_scripts(
         self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]

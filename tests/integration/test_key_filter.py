@@ -15,12 +15,13 @@ import httpx
 import pytest
 
 from service.adapters.postgres import PgPool
-from service.adapters.redis import close_redis, connect_redis
+from service.adapters.redis import close_redis, connect_redis, create_mux
 from service.config import Settings
 from service.core import repository
 from service.core.flusher import Flusher
 from service.core.key_filter import complete
 from service.core.key_filter_build import complete_filters
+from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
 from service.core.scripts import Scripts
 from tests.conftest import running_api
 from tests.integration.test_redis_faults import throwaway_redis
@@ -83,6 +84,34 @@ async def test_writes_to_new_keys_read_no_postgres(
         assert (await blind.get("/v1/kf/b")).status_code == 503
     for key in ["a", "b", "n0", "n19"]:
         assert flusher.key_filter.may_hold(await _filter_value(flusher, "kf", key), f"kf:{key}")
+
+
+async def test_a_batch_of_new_keys_is_one_call_with_no_fallback(
+    flusher: Flusher, settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_many through the shared connection carries that server's run_id, so its
+    writes to never-written keys are creates in the one call: none falls back to the
+    single-key path (a round trip per write, after the batch's own)."""
+    assert await _build(flusher) == list(range(len(flusher.shards)))
+    settings = settings_factory(database_url=NO_POSTGRES)
+    mux = create_mux(flusher.redis, settings)
+    assert mux is not None
+    pool = PgPool("test", settings)
+    store = RecordStore(flusher.redis, pool, settings, flusher.scripts, mux=mux)
+
+    async def no_single_write(call: WriteCall) -> WriteResult:
+        raise AssertionError(f"{call.key} fell back to the single-key path")
+
+    monkeypatch.setattr(store, "write", no_single_write)
+    try:
+        results = await store.write_many(
+            [WriteCall(Op.PUT, "kfb", f"n{i}", b"{}") for i in range(50)]
+        )
+    finally:
+        await pool.close()
+        await mux.aclose()
+    assert all(isinstance(r, WriteResult) and r.status is Status.OK for r in results), results
+    assert all(isinstance(r, WriteResult) and r.created for r in results)
 
 
 async def test_a_key_postgres_holds_is_never_new(
