@@ -34,7 +34,7 @@ from redis._parsers.base import BaseParser
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("wbcache.redis")
@@ -58,7 +58,9 @@ class _Link:
         self.connection = connection
         self.run_id = run_id
         self.sent: deque[asyncio.Future[Any]] = deque()
-        self.parser = hiredis.Reader()
+        # Error replies as redis-py's exceptions, nested ones too (an error inside a
+        # script's array reply), as redis-py's own hiredis parser makes them.
+        self.parser = hiredis.Reader(replyError=BaseParser.parse_error)
         # When a reply last came, or the first of the waiting commands left: the watchdog
         # measures silence from it.
         self.since = asyncio.get_running_loop().time()
@@ -206,13 +208,12 @@ class RedisMux:
 
     def _answer(self, link: _Link, reply: Any) -> None:
         future = link.sent.popleft()
-        if isinstance(reply, hiredis.ReplyError):
-            error = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
-            if isinstance(error, ReadOnlyError):
+        if isinstance(reply, ResponseError):
+            if isinstance(reply, ReadOnlyError):
                 # A demoted primary: the next connect asks again (Sentinel) for the new one.
-                self._fail(link, RedisConnectionError(f"Redis answered READONLY: {error}"))
+                self._fail(link, RedisConnectionError(f"Redis answered READONLY: {reply}"))
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(reply)
         elif not future.done():
             future.set_result(reply)
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from arq.worker import Worker
 from redis.exceptions import ResponseError
 
 from service.adapters.postgres import PgPool
+from service.adapters.redis import create_mux
 from service.api.app import GC_GEN0_THRESHOLD
 from service.config import Settings
 from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
@@ -175,15 +177,18 @@ async def test_batch_limits_and_bad_bodies(api: httpx.AsyncClient) -> None:
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("shared_connection", [False, True])
 async def test_an_error_reply_to_one_write_leaves_the_others_of_its_call(
-    settings: Settings, pg: asyncpg.Connection, redis: Any
+    settings: Settings, pg: asyncpg.Connection, redis: Any, shared_connection: bool
 ) -> None:
     """One call of write_many.lua runs many writes: a Redis error reply to one write's
     command (here WRONGTYPE: its entry is not a hash) is that write's outcome alone, as
     its own EVALSHA's would be; the writes before and after it in the call are applied
-    and answered."""
+    and answered. The same through the pooled pipeline and the shared connection (whose
+    reader must turn an error inside the reply's array into redis-py's exception too)."""
     pool = PgPool("test", settings)
-    store = RecordStore(redis, pool, settings, Scripts.register(redis))
+    mux = create_mux(redis, settings) if shared_connection else None
+    store = RecordStore(redis, pool, settings, Scripts.register(redis), mux=mux)
     keys = [f"k{i}" for i in range(7)]
     try:
         first = await store.write_many([WriteCall(Op.PUT, "we", k, b"1") for k in keys])
@@ -192,17 +197,19 @@ async def test_an_error_reply_to_one_write_leaves_the_others_of_its_call(
         await redis.delete(broken)
         await redis.set(broken, "not a hash")
         again = await store.write_many([WriteCall(Op.PUT, "we", k, b"2") for k in keys])
+        for key, before, after in zip(keys, first, again, strict=True):
+            if key == "k3":
+                assert isinstance(after, ResponseError) and "WRONGTYPE" in str(after), after
+                continue
+            assert isinstance(before, WriteResult) and isinstance(after, WriteResult)
+            assert after.status is Status.OK and not after.created
+            assert after.version > before.version
+            record = await store.read("we", key)
+            assert (record.version, record.document) == (after.version, b"2")
     finally:
         await pool.close()
-    for key, before, after in zip(keys, first, again, strict=True):
-        if key == "k3":
-            assert isinstance(after, ResponseError) and "WRONGTYPE" in str(after), after
-            continue
-        assert isinstance(before, WriteResult) and isinstance(after, WriteResult)
-        assert after.status is Status.OK and not after.created
-        assert after.version > before.version
-        record = await store.read("we", key)
-        assert (record.version, record.document) == (after.version, b"2")
+        if mux is not None:
+            await mux.aclose()
 
 
 async def test_the_api_collects_young_objects_less_often_while_it_runs(
