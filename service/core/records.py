@@ -133,7 +133,7 @@ def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
 # per write), so a batch of 1,000 writes to one shard is several calls, one round trip.
 _WRITES_PER_CALL = 200
 # Where write_many.lua's arguments hold the run_id: after the count of each write's own
-# arguments, write.lua's ARGV 12-14 (``_shared_args``).
+# arguments and write.lua's ARGV 12-14, as its ARGV 15 (``_shared_args``).
 _SHARED_RUN_ID = 4
 
 # What a read takes from an entry: version, document, tombstone flag, dead-letter flag.
@@ -446,15 +446,13 @@ class RecordStore:
         trusted there as on the single-key path: a write to a key the filter has never
         seen is then a create at version 0, with no Postgres read. Error replies come back
         in place, as from ``_pipelined_scripts``; a failure of the connection raises."""
-        assert self.mux is not None
-        sha = self.scripts.write_many.sha
 
-        def bound(keys: list[str], args: list[Any]) -> Callable[[str], list[Any]]:
+        def bound(keys: list[str], args: list[Any]) -> Callable[[str], tuple[list[str], list[Any]]]:
             head, tail = args[:_SHARED_RUN_ID], args[_SHARED_RUN_ID + 1 :]
-            return lambda run_id: ["EVALSHA", sha, len(keys), *keys, *head, run_id, *tail]
+            return lambda run_id: (keys, [*head, run_id, *tail])
 
         raws = await asyncio.gather(
-            *(self.mux.execute_bound(bound(keys, args)) for keys, args in commands),
+            *(self._mux_script(self.scripts.write_many, bound(k, a)) for k, a in commands),
             return_exceptions=True,
         )
         for raw in raws:
