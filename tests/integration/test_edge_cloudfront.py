@@ -10,15 +10,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import boto3
 import pytest
+from moto import server as moto_server
 
 from service.config import Settings
 from service.core.purge import collection_member, record_member
 from tests.conftest import running_api, wait_until
 from worker.purge import Purger
-
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
 
 _DISTRIBUTION = {
     "CallerReference": "wbcache-test",
