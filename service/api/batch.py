@@ -28,7 +28,7 @@ from service.api.state import AppState
 from service.core import documents
 from service.core.documents import DocumentError
 from service.core.errors import ReplicasUnconfirmed, classify
-from service.core.records import Op, Preconditions, Record, Status, WriteCall, WriteResult
+from service.core.record_types import Op, Preconditions, Record, Status, WriteCall, WriteResult
 
 router = APIRouter(
     prefix="/v1", tags=["records"], responses=ERROR_RESPONSES, route_class=ScopedRoute

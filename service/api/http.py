@@ -10,7 +10,7 @@ from urllib.parse import unquote_to_bytes
 from fastapi import Request
 
 from service.api.errors import ApiError
-from service.core.records import Match
+from service.core.record_types import Match
 
 COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MAX_COLLECTION_CHARS = 64

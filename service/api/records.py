@@ -29,7 +29,7 @@ from service.api.http import (
 from service.api.state import AppState
 from service.config import WriteMode
 from service.core import documents, surrogate
-from service.core.records import Op, Preconditions, Status, WriteCall, WriteResult
+from service.core.record_types import Op, Preconditions, Status, WriteCall, WriteResult
 from service.core.redis_keys import member
 from service.core.write_through import Outcome
 

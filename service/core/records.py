@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
-from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -25,85 +24,25 @@ from service.core import documents, repository
 from service.core.errors import ReplicasUnconfirmed, Unavailable, classify
 from service.core.key_filter import KeyFilter
 from service.core.purge import PurgeQueue, collection_member, record_member
-from service.core.redis_keys import Keys, member
+from service.core.record_types import (
+    Op,
+    Preconditions,
+    ReadOutcome,
+    Record,
+    Status,
+    WriteCall,
+    WriteOutcome,
+    WriteResult,
+)
+from service.core.redis_keys import member
+from service.core.script_pipeline import pipelined_scripts, replicas_confirmed
 from service.core.scripts import Scripts
 from service.core.shards import Shards
+from service.core.write_commands import Command, WriteCommands, reply_text, write_outcome
 
 log = logging.getLogger("wbcache.records")
 
 
-class Op(StrEnum):
-    PUT = "put"
-    PATCH = "patch"
-    DELETE = "del"
-
-
-class Status(StrEnum):
-    OK = "OK"
-    NOT_FOUND = "NOTFOUND"
-    PRECONDITION_FAILED = "PRECOND"
-    CONFLICT = "CONFLICT"
-    FULL = "FULL"
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """An If-Match / If-None-Match condition: ``any`` for ``*``, else a set of versions."""
-
-    any: bool = False
-    versions: frozenset[int] = frozenset()
-
-    def lua(self) -> tuple[str, str]:
-        if self.any:
-            return "1", ""
-        return "2", "," + ",".join(str(v) for v in self.versions) + ","
-
-
-@dataclass(frozen=True, slots=True)
-class Preconditions:
-    if_match: Match | None = None
-    if_none_match: Match | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    status: Status
-    version: int = 0
-    created: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class WriteCall:
-    """One write: a put or a patch (with its canonical document) or a delete, and what
-    the write script must know besides (service/core/lua/write.lua)."""
-
-    op: Op
-    collection: str
-    key: str
-    document: bytes = b""
-    pre: Preconditions = Preconditions()  # noqa: RUF009 - frozen, immutable
-    # A patch's compare-and-set: the version the merge was made on.
-    expect: int | None = None
-    # Postgres' row when the key is not cached (its version floor and existence); None
-    # lets the script answer MISS for an uncached key.
-    stored: repository.StoredRow | None = None
-    # Accepted past MAX_PENDING (a write that then goes through to Postgres).
-    force: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What a read found: a document (None for a deleted/absent key) at a version."""
-
-    version: int
-    document: bytes | None
-    hit: bool
-    dead_lettered: bool = False
-
-
-# What happened to one call of write_many / read_many: its result, or what stopped it.
-WriteOutcome = WriteResult | Exception
-ReadOutcome = Record | Exception
 _T = TypeVar("_T")
 
 
@@ -114,39 +53,8 @@ def _own(outcome: _T | BaseException) -> _T | Exception:
     return outcome
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _write_outcome(raw: list[Any]) -> tuple[WriteResult, bool] | None:
-    """The write script's reply: the result and whether to schedule a flush, or None for
-    MISS (the key is not cached: Postgres must supply its version floor first)."""
-    if _s(raw[0]) == "MISS":
-        return None
-    status = Status(_s(raw[0]))
-    if status is not Status.OK:
-        return WriteResult(status, int(_s(raw[1])) if len(raw) > 1 else 0), False
-    return WriteResult(Status.OK, int(_s(raw[1])), _s(raw[2]) == "1"), _s(raw[3]) == "1"
-
-
-# Writes per call of write_many.lua: Redis serves nobody else while it runs (about 10 µs
-# per write), so a batch of 1,000 writes to one shard is several calls, one round trip.
-_WRITES_PER_CALL = 200
-# Where write_many.lua's arguments hold the run_id: after the count of each write's own
-# arguments and write.lua's ARGV 12-14, as its ARGV 15 (``_shared_args``).
-_SHARED_RUN_ID = 4
-
 # What a read takes from an entry: version, document, tombstone flag, dead-letter flag.
 _READ_FIELDS = ["v", "d", "t", "x"]
-
-
-def _replicas(ack: Any) -> int:
-    """WAIT's reply: how many replicas hold the connection's writes (its error reply, which
-    a pipeline returns in place, counts as none)."""
-    if isinstance(ack, int):
-        return ack
-    log.warning("WAIT for Redis replicas failed: %s", ack)
-    return 0
 
 
 def _cached_record(v: bytes, d: bytes | None, t: bytes | None, x: bytes | None) -> Record:
@@ -171,6 +79,7 @@ class RecordStore:
         self.settings = settings
         self.shards = Shards.from_settings(settings)
         self.key_filter = KeyFilter.from_settings(settings)
+        self.commands = WriteCommands(settings, self.shards, self.key_filter)
         # Where flush wake-ups are enqueued: REDIS_URL's own client, except on a Cluster
         # (ARQ_REDIS_URL's, or none: workers poll).
         self.arq = arq if arq is not None else redis if isinstance(redis, ArqRedis) else None
@@ -220,83 +129,22 @@ class RecordStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _write_command(self, call: WriteCall, run_id: str = "") -> tuple[list[str], list[Any]]:
-        """The write script's keys and arguments (service/core/lua/write.lua documents
-        them)."""
-        m = member(call.collection, call.key)
-        k = self.shards.for_member(m)
-        keys = [k.member_entry(m), *self._shard_write_keys(k)]
-        if self._purged and call.collection in self._purged:
-            keys.append(k.purge_queue)  # write.lua queues the edge purge with the write
-        return keys, self._write_args(call, m, run_id)
-
-    def _shard_write_keys(self, k: Keys) -> list[str]:
-        """write.lua's KEYS after the entry: the queue keys of the entry's shard."""
-        kf = self.key_filter
-        return [
-            k.dirty,
-            k.inflight,
-            k.wake,
-            k.dead,
-            k.pending_counts,
-            kf.key(k),
-            kf.origin(k),
-            k.pending_keys,
-        ]
-
-    def _write_args(self, call: WriteCall, m: str, run_id: str = "") -> list[Any]:
-        """write.lua's ARGV for ``call`` (of member ``m``)."""
-        own = self._own_args(call, m)
-        return [*own, *self._shared_args(call.force, run_id), *self.key_filter.positions_args(m)]
-
-    def _own_args(self, call: WriteCall, m: str) -> list[Any]:
-        """write.lua's ARGV 1-11: the call's own."""
-        pre, stored = call.pre, call.stored
-        im_mode, im_list = pre.if_match.lua() if pre.if_match else ("0", "")
-        inm_mode, inm_list = pre.if_none_match.lua() if pre.if_none_match else ("0", "")
-        return [
-            call.op.value,
-            call.document,
-            m,
-            im_mode,
-            im_list,
-            inm_mode,
-            inm_list,
-            "" if call.expect is None else str(call.expect),
-            "0" if stored is None else "1",
-            "0" if stored is None else str(stored.version),
-            "1" if stored is not None and stored.value is not None else "0",
-        ]
-
-    def _shared_args(self, force: bool, run_id: str) -> list[Any]:
-        """write.lua's ARGV 12-15: the same for every write of a batch (write_many.lua
-        takes them once)."""
-        settings = self.settings
-        return [
-            settings.write_delay_ms + 5000,
-            0 if force else settings.max_pending,
-            self.key_filter.complete_arg(),
-            run_id,
-        ]
-
     async def _call_write(self, call: WriteCall) -> list[Any]:
         """The write script's reply; with REDIS_MIN_REPLICAS, followed by WAIT's count of
         the replicas that hold the write (both in one round trip). Through the shared
         connection when there is one: then the key filter can be trusted (its run_id)."""
         if self._replicas:
-            return await self._call_write_waited(self._write_command(call))
+            return await self._call_write_waited(self.commands.one(call))
         if self.mux is None:
-            keys, args = self._write_command(call)
+            keys, args = self.commands.one(call)
             result: list[Any] = await self.scripts.write(keys=keys, args=args)
             return result
         reply: list[Any] = await self._mux_script(
-            self.scripts.write, lambda run_id: self._write_command(call, run_id)
+            self.scripts.write, lambda run_id: self.commands.one(call, run_id)
         )
         return reply
 
-    async def _mux_script(
-        self, script: AsyncScript, command: Callable[[str], tuple[list[str], list[Any]]]
-    ) -> Any:
+    async def _mux_script(self, script: AsyncScript, command: Callable[[str], Command]) -> Any:
         """``script`` through the shared connection, its keys and arguments built for the
         server it goes to (``RedisMux.execute_bound``); loaded first if Redis lost it."""
         assert self.mux is not None
@@ -311,11 +159,11 @@ class RecordStore:
             await self.redis.script_load(script.script)
             return await self.mux.execute_bound(evalsha)
 
-    async def _call_write_waited(self, command: tuple[list[str], list[Any]]) -> list[Any]:
+    async def _call_write_waited(self, command: Command) -> list[Any]:
         """EVALSHA then WAIT, one pipeline. NOSCRIPT (Redis restarted): load the script and
         send both again; WAIT after a script that did not run waits for nothing new."""
         for _ in range(2):
-            (reply,), (ack,) = await self._pipelined_scripts(self.scripts.write, [command])
+            (reply,), (ack,) = await self._pipelined(self.scripts.write, [command])
             if not isinstance(reply, NoScriptError):
                 break
             await self.redis.script_load(self.scripts.write.script)
@@ -328,7 +176,7 @@ class RecordStore:
         confirmed it: then ReplicasUnconfirmed (the primary has the write)."""
         if result.status is not Status.OK:
             return result  # it wrote nothing: nothing to replicate
-        confirmed = _replicas(ack)
+        confirmed = replicas_confirmed(ack)
         if confirmed >= self._replicas:
             return result
         return ReplicasUnconfirmed(
@@ -348,11 +196,11 @@ class RecordStore:
         of the pipeline itself (Redis unreachable) raises: then no call's fate is known."""
         if not calls:
             return []
-        groups, commands = self._write_many_commands(calls)
+        groups, commands = self.commands.many(calls)
         if self.mux is not None and not self._replicas:
             raws, acks = await self._mux_write_many(commands), [None] * len(commands)
         else:
-            raws, acks = await self._pipelined_scripts(self.scripts.write_many, commands)
+            raws, acks = await self._pipelined(self.scripts.write_many, commands)
         outcomes: list[WriteOutcome | None] = [None] * len(calls)
         single: list[int] = []
         wake = reload = False
@@ -370,7 +218,7 @@ class RecordStore:
                 if one[0] == b"OK":  # the common reply, read without decoding each field
                     result: WriteResult = WriteResult(Status.OK, int(one[1]), one[2] == b"1")
                     wake = wake or one[3] == b"1"
-                elif (reply := _write_outcome(one)) is None:
+                elif (reply := write_outcome(one)) is None:
                     single.append(i)
                     continue
                 else:
@@ -407,52 +255,21 @@ class RecordStore:
         if members:
             await self.purges.add(members)
 
-    def _write_many_commands(
-        self, calls: Sequence[WriteCall]
-    ) -> tuple[list[list[int]], list[tuple[list[str], list[Any]]]]:
-        """The indexes of ``calls`` by shard (a script's keys live in one slot) and by
-        ``force``, in order, at most ``_WRITES_PER_CALL`` per group; and each group's
-        write_many.lua keys and arguments: the shard's keys of write.lua, each call's
-        entry; then the number of each call's own arguments, the arguments they share
-        (write.lua's ARGV 12-15, once) and each call's own ones one after the other."""
-        by_group: dict[tuple[int, bool], list[tuple[int, str]]] = {}
-        for i, call in enumerate(calls):
-            m = member(call.collection, call.key)
-            by_group.setdefault((self.shards.index(m), call.force), []).append((i, m))
-        groups: list[list[int]] = []
-        commands: list[tuple[list[str], list[Any]]] = []
-        kf = self.key_filter
-        for (shard, force), members in by_group.items():
-            k = self.shards[shard]
-            shared = self._shared_args(force, "")
-            for start in range(0, len(members), _WRITES_PER_CALL):
-                part = members[start : start + _WRITES_PER_CALL]
-                entries = [k.member_entry(m) for _, m in part]
-                args: list[Any] = [0, *shared]
-                for i, m in part:
-                    one = self._own_args(calls[i], m) + kf.positions_args(m)
-                    if args[0] != len(one):
-                        if args[0]:
-                            raise AssertionError("write.lua's arguments differ in number")
-                        args[0] = len(one)
-                    args += one
-                groups.append([i for i, _ in part])
-                commands.append((self._shard_write_keys(k) + entries, args))
-        return groups, commands
-
-    async def _mux_write_many(self, commands: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _mux_write_many(self, commands: Sequence[Command]) -> list[Any]:
         """write_many.lua's calls through the shared connection, each given the run_id of
-        the server it is written to (``_SHARED_RUN_ID``), so that the key filter is
-        trusted there as on the single-key path: a write to a key the filter has never
-        seen is then a create at version 0, with no Postgres read. Error replies come back
-        in place, as from ``_pipelined_scripts``; a failure of the connection raises."""
-
-        def bound(keys: list[str], args: list[Any]) -> Callable[[str], tuple[list[str], list[Any]]]:
-            head, tail = args[:_SHARED_RUN_ID], args[_SHARED_RUN_ID + 1 :]
-            return lambda run_id: (keys, [*head, run_id, *tail])
-
+        the server it is written to (``WriteCommands.with_run_id``), so that the key
+        filter is trusted there as on the single-key path: a write to a key the filter has
+        never seen is then a create at version 0, with no Postgres read. Error replies
+        come back in place, as from ``pipelined_scripts``; a failure of the connection
+        raises."""
         raws = await asyncio.gather(
-            *(self._mux_script(self.scripts.write_many, bound(k, a)) for k, a in commands),
+            *(
+                self._mux_script(
+                    self.scripts.write_many,
+                    functools.partial(self.commands.with_run_id, c),
+                )
+                for c in commands
+            ),
             return_exceptions=True,
         )
         for raw in raws:
@@ -460,60 +277,13 @@ class RecordStore:
                 raise raw
         return raws
 
-    async def _pipelined_scripts(
-        self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
+    async def _pipelined(
+        self, script: AsyncScript, commands: Sequence[Command]
     ) -> tuple[list[Any], list[Any]]:
-        """EVALSHA of ``script`` for each (keys, args), one pipeline, no SCRIPT EXISTS
-        first (redis-py sends one for Script objects in pipelines). Error replies (NOSCRIPT
-        after a Redis restart, OOM, ...) come back in place, per command. Returns the
-        replies and, with REDIS_MIN_REPLICAS, each command's WAIT reply (else Nones): on
-        one Redis a single WAIT after the scripts, in the same round trip."""
-        if isinstance(self.redis, RedisCluster):
-            return await self._pipelined_scripts_cluster(script, commands)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in commands:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            if self._replicas:
-                pipe.wait(self._replicas, self.settings.redis_replica_timeout_ms)
-            raws: list[Any] = await pipe.execute(raise_on_error=False)
-        ack = raws.pop() if self._replicas else None
-        return raws, [ack] * len(raws)
-
-    async def _pipelined_scripts_cluster(
-        self, script: AsyncScript, commands: Sequence[tuple[list[str], list[Any]]]
-    ) -> tuple[list[Any], list[Any]]:
-        """``_pipelined_scripts`` on a Cluster: redis-py splits the pipeline by node (one
-        round trip per node, in parallel) and follows MOVED/ASK per command. WAIT counts
-        the replicas of one connection's writes, so it is sent afterwards to the primary
-        that now owns each script's slot (a second round trip, per node in parallel):
-        after a redirection, that is the node that ran the script."""
-        cluster = self.redis
-        assert isinstance(cluster, RedisCluster)
-        async with cluster.pipeline() as pipe:
-            for keys, args in commands:
-                # redis-py refuses pipe.evalsha() in Cluster mode, though its pipeline
-                # routes EVALSHA by the keys like any keyed command.
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            raws: list[Any] = await pipe.execute(raise_on_error=False)
-        if not self._replicas:
-            return raws, [None] * len(raws)
-        nodes = [cluster.get_node_from_key(keys[0]) for keys, _ in commands]
-        by_name = {node.name: node for node in nodes if node is not None}
-        names = list(by_name)
-        replies = await asyncio.gather(
-            *(
-                cluster.execute_command(
-                    "WAIT",
-                    self._replicas,
-                    self.settings.redis_replica_timeout_ms,
-                    target_nodes=by_name[name],
-                )
-                for name in names
-            ),
-            return_exceptions=True,
+        """``pipelined_scripts`` on this store's Redis, with its REDIS_MIN_REPLICAS."""
+        return await pipelined_scripts(
+            self.redis, script, commands, self._replicas, self.settings.redis_replica_timeout_ms
         )
-        acks = dict(zip(names, replies, strict=True))
-        return raws, [acks.get(node.name) if node else None for node in nodes]
 
     async def write(self, call: WriteCall) -> WriteResult:
         """One atomic write. If the key is not cached, Postgres supplies the version floor
@@ -521,7 +291,7 @@ class RecordStore:
         REDIS_MIN_REPLICAS, raises ReplicasUnconfirmed for a write the primary applied but
         too few replicas confirmed in time (it is queued all the same)."""
         raw = await self._call_write(call)
-        reply = _write_outcome(raw)
+        reply = write_outcome(raw)
         if reply is None:
             try:
                 # The script found no answer in the filter: Postgres must give one.
@@ -535,7 +305,7 @@ class RecordStore:
                 stored = repository.StoredRow(None, 0)
             call = replace(call, stored=stored)
             raw = await self._call_write(call)
-            reply = _write_outcome(raw)
+            reply = write_outcome(raw)
             if reply is None:  # the script answers MISS only when not given the row
                 raise AssertionError("the write script answered MISS with the row given")
         result, schedule = reply
@@ -706,7 +476,7 @@ class RecordStore:
             async for raw in self.redis.scan_iter(
                 match=self.shards.entries_pattern(collection), count=1000
             ):
-                m = self.shards.member_of_entry(_s(raw))
+                m = self.shards.member_of_entry(reply_text(raw))
                 if m is not None:
                     chunk.append(m)
                 if len(chunk) >= 500:

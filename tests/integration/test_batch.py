@@ -17,7 +17,8 @@ from service.adapters.postgres import PgPool
 from service.adapters.redis import create_mux
 from service.api.app import GC_GEN0_THRESHOLD
 from service.config import Settings
-from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
+from service.core.record_types import Op, Status, WriteCall, WriteResult
+from service.core.records import RecordStore
 from service.core.scripts import Scripts
 from tests.conftest import running_api, wait_drained
 

@@ -21,7 +21,8 @@ from service.core import repository
 from service.core.flusher import Flusher
 from service.core.key_filter import complete
 from service.core.key_filter_build import complete_filters
-from service.core.records import Op, RecordStore, Status, WriteCall, WriteResult
+from service.core.record_types import Op, Status, WriteCall, WriteResult
+from service.core.records import RecordStore
 from service.core.scripts import Scripts
 from tests.conftest import running_api
 from tests.integration.test_redis_faults import throwaway_redis

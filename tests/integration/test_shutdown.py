@@ -16,7 +16,7 @@ import httpx
 
 from service.api.app import build_state
 from service.config import Settings
-from service.core.records import Op, Status, WriteCall
+from service.core.record_types import Op, Status, WriteCall
 from service.core.repository import StoredRow
 from tests.conftest import wait_until
 from tests.support.procs import ApiProc, WorkerProc

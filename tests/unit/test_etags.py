@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.api.http import etag, none_match_hits, parse_match
-from service.core.records import Match
+from service.core.record_types import Match
 
 
 @pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])

@@ -16,7 +16,7 @@ from service.api.http import (
     validate_collection,
     validate_key,
 )
-from service.core.records import Match
+from service.core.record_types import Match
 from service.core.redis_keys import member, split_member
 
 

@@ -24,16 +24,16 @@ from service.api.memcached import values
 from service.config import Settings
 from service.core import repository
 from service.core.errors import Unavailable
-from service.core.records import (
+from service.core.record_types import (
     Match,
     Op,
     Preconditions,
     Record,
-    RecordStore,
     Status,
     WriteCall,
     WriteResult,
 )
+from service.core.records import RecordStore
 from service.core.redis_keys import member
 from service.core.write_through import Outcome as Persisted
 from service.core.write_through import WriteThrough
