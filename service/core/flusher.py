@@ -11,22 +11,22 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
-from redis.asyncio.cluster import RedisCluster
 
 from service.adapters.postgres import PgPool
 from service.adapters.redis import AnyRedis
 from service.config import Settings
 from service.core import histograms, repository
+from service.core.claimed_batch import Batch, DeadLetter, Item, decode_claim
 from service.core.errors import classify, is_poison, sqlstate
 from service.core.key_filter import KeyFilter
-from service.core.redis_keys import Keys, split_member
+from service.core.queue_heads import clock_and_heads
+from service.core.redis_keys import Keys
 from service.core.scripts import Scripts
 from service.core.shards import Shards
+from service.core.throttled_log import ThrottledLog
 
 log = logging.getLogger("wbcache.flush")
 
@@ -42,37 +42,6 @@ _WORKER_FORGOTTEN_MS = 3_600_000
 _CLAIM_ROUNDS = 8
 
 
-class Item(NamedTuple):
-    """One key's write in a batch (a tuple: a batch builds one per key, and a frozen
-    dataclass' __init__ made decoding a claim's reply ~1.7 times slower)."""
-
-    member: str
-    version: str
-    document: bytes | None  # None: a delete
-
-    @property
-    def collection(self) -> str:
-        return split_member(self.member)[0]
-
-    @property
-    def key(self) -> str:
-        return split_member(self.member)[1]
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    id: str
-    items: list[Item]
-    shard: int = 0  # a batch holds keys of one shard: its scripts touch one slot
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    item: Item
-    sqlstate: str | None
-    error: str
-
-
 def now_ms() -> int:
     """This process' wall clock, for what people read (a dead letter's ``failed_at``). Never
     compared with a time from another process: those all come from Redis ``TIME``."""
@@ -82,32 +51,6 @@ def now_ms() -> int:
 def _remaining(deadline: float | None) -> float | None:
     """Seconds left before ``deadline`` (monotonic clock), for ``asyncio.timeout``."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _decode(raw: Sequence[bytes | None]) -> list[Item]:
-    """claim.lua's reply: member, version, document (None for a delete), ..."""
-    members = [m.decode() for m in raw[0::3]]  # type: ignore[union-attr]
-    versions = [v.decode() for v in raw[1::3]]  # type: ignore[union-attr]
-    return list(map(Item, members, versions, raw[2::3]))
-
-
-class _Throttled:
-    """Logs a repeating failure once, then at most once per ``every`` seconds."""
-
-    def __init__(self, every: float = 30.0) -> None:
-        self.every = every
-        self.last = 0.0
-        self.suppressed = 0
-
-    def warn(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            extra = f" ({self.suppressed} similar messages suppressed)" if self.suppressed else ""
-            log.warning(msg + extra, *args)
-            self.last = now
-            self.suppressed = 0
-        else:
-            self.suppressed += 1
 
 
 class Flusher:
@@ -128,7 +71,7 @@ class Flusher:
         self._claiming = asyncio.Lock()
         # Set on shutdown: loops stop claiming; held batches are handed back.
         self.stopping = False
-        self._retry_log = _Throttled()
+        self._retry_log = ThrottledLog(log)
         # Write-throughs past their deadline, finishing (handing back) in the background.
 
     # -- claiming and releasing ------------------------------------------------------------
@@ -163,7 +106,7 @@ class Flusher:
         """The shards with a due dirty key or a lease run out, in one round trip (per
         node, on a Cluster): the claim scripts check again, atomically; this only spares
         a claim's round trips to idle shards."""
-        now, firsts = await self._now_and_firsts(with_leases=True)
+        now, firsts = await clock_and_heads(self.redis, self.shards, with_leases=True)
         due = now - self.settings.write_delay_ms
         busy = []
         for shard in range(self.shards.count):
@@ -252,13 +195,13 @@ class Flusher:
             with contextlib.suppress(Exception):
                 raw = await call
                 if raw:
-                    await self.release(Batch(batch_id, _decode(raw), shard), [], [])
+                    await self.release(Batch(batch_id, decode_claim(raw), shard), [], [])
             raise
         if not raw:
             return None
         self.held.add(batch_id)
         self._shard_of_batch[batch_id] = shard
-        return Batch(batch_id, _decode(raw), shard)
+        return Batch(batch_id, decode_claim(raw), shard)
 
     async def hand_back_all(self) -> None:
         """Return every batch this process still holds to the dirty set (shutdown)."""
@@ -535,29 +478,10 @@ class Flusher:
 
     async def next_ready_in_ms(self) -> int | None:
         """Milliseconds until the oldest dirty key is due, or None if nothing is dirty."""
-        now, firsts = await self._now_and_firsts(with_leases=False)
+        now, firsts = await clock_and_heads(self.redis, self.shards, with_leases=False)
         oldest = [int(first[0][1]) for first in firsts if first]
         if not oldest:
             return None
         # Dirty marks are Redis-clock ms (write.lua): compare them with Redis' clock.
         due = min(oldest) + self.settings.write_delay_ms
         return max(0, due - now)
-
-    async def _now_and_firsts(self, with_leases: bool) -> tuple[int, list[Any]]:
-        """Redis' clock (ms) and, per shard, its oldest dirty mark (and its earliest lease
-        expiry): one round trip on one Redis. A Cluster pipeline refuses TIME (it has no
-        key to route by), so there TIME goes first, on its own, to any node."""
-        cluster = isinstance(self.redis, RedisCluster)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if not cluster:
-                pipe.time()
-            for k in self.shards:
-                pipe.zrange(k.dirty, 0, 0, withscores=True)
-                if with_leases:
-                    pipe.zrange(k.leases, 0, 0, withscores=True)
-            if cluster:
-                seconds, micros = await self.redis.time()
-                firsts: list[Any] = await pipe.execute()
-            else:
-                (seconds, micros), *firsts = await pipe.execute()
-        return int(seconds) * 1000 + int(micros) // 1000, firsts
